@@ -1,0 +1,38 @@
+"""The contract every sink implements: one method per thing a sink can be told."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from detector.result import FrameResult, Region
+from stream.frame import Frame
+
+
+@dataclass
+class AlertEvent:
+    """One step of an alert's lifecycle. Messages on the wire are `to_message()`."""
+
+    type: str  # "new" | "update" | "end"
+    alert_id: str
+    camera: str
+    start_ts: float
+    end_ts: Optional[float]
+    peak_score: float
+    regions: list[Region] = field(default_factory=list)
+    snapshot: Optional[str] = None
+    reason: Optional[str] = None  # for "end": "recovered" | "shutdown" | "source_ended"
+    frame_index: int = -1
+
+
+class Sink(Protocol):
+    def write(self, result: FrameResult, frame: Frame) -> None:
+        """Every scored frame, in capture order per camera."""
+
+    def alert(self, event: AlertEvent) -> None:
+        """An alert lifecycle message, in order."""
+
+    def camera_status(self, camera: str, state: str, detail: str = "") -> None:
+        """Camera went 'online' / 'offline' (detail never contains credentials)."""
+
+    def close(self) -> None:
+        """Flush and release everything; idempotent."""
