@@ -65,12 +65,27 @@ class RegionsConfig(Section):
 
 
 class AlertsConfig(Section):
-    # None: the calibrated frame threshold from the bank; exit defaults to 0.9 x enter.
+    # enter None: the frame threshold carried by each FrameResult (the bank's calibrated one).
+    # exit None: enter - 0.1 * |enter| (0.9 x enter for positive scores; still below enter when
+    # scores are normalised around zero). An explicit exit above the per-frame enter is clamped to it.
     enter_threshold: Optional[float] = None
     exit_threshold: Optional[float] = None
     min_duration_s: float = Field(0.5, ge=0.0)
     exit_duration_s: float = Field(1.0, ge=0.0)
     snapshot_dir: Optional[str] = None
+    # "update" messages: at most one per update_interval_s per alert, and only when the peak score
+    # rose by update_peak_rise (relative) or a region appeared/disappeared/moved (best-match box IoU
+    # below update_region_iou).
+    update_interval_s: float = Field(0.5, ge=0.0)
+    update_peak_rise: float = Field(0.1, ge=0.0)
+    update_region_iou: float = Field(0.5, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _exit_below_enter(self):
+        if (self.enter_threshold is not None and self.exit_threshold is not None
+                and self.exit_threshold > self.enter_threshold):
+            raise ValueError("exit_threshold must not exceed enter_threshold (hysteresis)")
+        return self
 
 
 class SourceConfig(Section):
@@ -85,6 +100,9 @@ class SourceConfig(Section):
     queue_size: int = Field(8, ge=1)
     reconnect_base_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    # "equal": wait in [d/2, d] (never retries instantly); "full": wait in [0, d] (spreads
+    # cameras that dropped together the most). d = min(reconnect_max_s, reconnect_base_s * 2^n).
+    reconnect_jitter: Literal["equal", "full"] = "equal"
 
 
 class RedisConfig(Section):
@@ -93,8 +111,10 @@ class RedisConfig(Section):
     prefix: str = "spade"
     frames_maxlen: int = Field(10000, ge=1)
     alerts_maxlen: int = Field(100000, ge=1)
+    # None: "<out_dir>/redis-spool" when the run has an output dir, else a temp dir.
     spool_dir: Optional[str] = None
     spool_max_mb: float = Field(64.0, gt=0)
+    socket_timeout_s: float = Field(1.0, gt=0, description="connect and per-command timeout")
 
 
 class VideoSinkConfig(Section):

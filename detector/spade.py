@@ -1,0 +1,125 @@
+"""SPADE scoring (Cohen & Hoshen 2020), batched and device-agnostic.
+
+Image score: mean squared L2 distance from a frame's global feature to its `k_image` nearest bank frames.
+Pixel map: for every grid cell, the mean L2 distance to the `kappa` nearest features among all grid
+cells of the `k_gallery` nearest bank frames; upsampled to the input size and Gaussian-smoothed.
+
+All distances are taken over the channel axis of [N, C] matrices. (The popular reference code calls
+torch.pairwise_distance on 4-D tensors, which on current PyTorch reduces over the last spatial axis.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detector.bank import MemoryBank
+
+
+def squared_distances(q: torch.Tensor, ref: torch.Tensor, ref_sqnorm: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances [..., M, N] between rows of q [..., M, C] and ref [..., N, C].
+
+    Expanded as |q|^2 + |r|^2 - 2 q.r so the work is one matrix product; clamped at 0 against rounding.
+    """
+    if ref_sqnorm is None:
+        ref_sqnorm = ref.pow(2).sum(-1)
+    d = q.pow(2).sum(-1, keepdim=True) + ref_sqnorm.unsqueeze(-2) - 2.0 * (q @ ref.transpose(-1, -2))
+    return d.clamp_min_(0.0)
+
+
+def gaussian_kernel1d(sigma: float, device, dtype=torch.float32) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))  # scipy.ndimage's default truncate=4
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian on [B, H, W] with reflected borders (scipy.ndimage.gaussian_filter's mode)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device)
+    r = (k.numel() - 1) // 2
+    x = maps.unsqueeze(1)
+    h, w = x.shape[-2:]
+    if r < h and r < w:
+        x = F.pad(x, (r, r, 0, 0), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1))
+        x = F.pad(x, (0, 0, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, -1, 1))
+    else:  # tiny maps: replicate padding is always defined
+        x = F.pad(x, (r, r, r, r), mode="replicate")
+        x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+@dataclass
+class SpadeOutput:
+    image_scores: torch.Tensor  # [B] mean squared distance to the k_image nearest frames
+    neighbours: torch.Tensor  # [B, max(k_image, k_gallery)] bank indices, nearest first
+    maps: torch.Tensor  # [B, S, S] float32 anomaly maps at the input resolution
+
+
+class SpadeScorer:
+    """Holds the bank's global features on the device; pixel features stay memory-mapped on disk."""
+
+    def __init__(self, bank: MemoryBank, *, k_image: int, k_gallery: int, kappa: int, sigma: float,
+                 input_size: int, device: torch.device):
+        n = bank.n_frames
+        self.bank = bank
+        self.k_image = min(k_image, n)
+        self.k_gallery = min(k_gallery, n)
+        self.kappa = kappa
+        self.sigma = sigma
+        self.input_size = input_size
+        self.device = device
+        self.grid = int(bank.meta["grid"])
+        self.global_feats = torch.from_numpy(bank.global_features).to(device)
+        self.global_sqnorm = self.global_feats.pow(2).sum(-1)
+
+    def nearest_frames(self, glob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared distances [B, k], indices [B, k]) of the k nearest bank frames, nearest first."""
+        d = squared_distances(glob.float(), self.global_feats, self.global_sqnorm)
+        vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        return vals, idx
+
+    def gallery(self, neighbours: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Pixel features of the union of all neighbour frames of a batch, read once, on the device."""
+        idx = neighbours[:, : self.k_gallery].cpu().numpy()
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        feats = torch.from_numpy(self.bank.gather(uniq))
+        feats = feats.to(self.device, non_blocking=True).float()
+        return feats, inverse.reshape(idx.shape)
+
+    def pixel_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest gallery features."""
+        b, c, g, _ = pyramid.shape
+        q = pyramid.float().flatten(2).transpose(1, 2)  # [B, g*g, C]
+        feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
+        sqn = feats.pow(2).sum(-1)  # [U, g*g]
+        inv = torch.from_numpy(inverse).to(self.device)
+        gal = feats[inv].reshape(b, -1, c)  # [B, k_gallery*g*g, C]
+        gal_sqn = sqn[inv].reshape(b, -1)
+        d2 = squared_distances(q, gal, gal_sqn)
+        if self.kappa == 1:
+            best = d2.amin(dim=-1)
+            dist = best.sqrt()
+        else:
+            best = torch.topk(d2, self.kappa, dim=-1, largest=False).values
+            dist = best.sqrt().mean(-1)
+        return dist.reshape(b, g, g)
+
+    def upsample(self, dist: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        maps = F.interpolate(dist.unsqueeze(1), size=(s, s), mode="bilinear", align_corners=False).squeeze(1)
+        return gaussian_blur(maps, self.sigma)
+
+    def score(self, pyramid: torch.Tensor, glob: torch.Tensor) -> SpadeOutput:
+        k = max(self.k_image, self.k_gallery)
+        d2, idx = self.nearest_frames(glob, k)
+        image_scores = d2[:, : self.k_image].mean(dim=1)
+        maps = self.upsample(self.pixel_distances(pyramid, idx))
+        return SpadeOutput(image_scores, idx, maps)

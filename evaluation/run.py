@@ -1,0 +1,181 @@
+"""Offline evaluation on an STC-layout test set: frame AUROC (micro, macro), pixel AUROC, plots."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configs.schema import AppConfig
+from detector.detector import Detector
+from evaluation.metrics import PixelAuroc, auroc, frame_curve
+from evaluation.stc import TestVideo, load_test_set
+from stream.footage import read_image
+
+log = logging.getLogger(__name__)
+
+METRIC_SIZE = 256  # the paper reports pixel metrics at 256x256
+
+
+def _reader(videos: list[TestVideo], every: int, bs: int, out: queue.Queue, stop: threading.Event):
+    try:
+        for v in videos:
+            idx = list(range(0, len(v.frames), every))
+            for s in range(0, len(idx), bs):
+                chunk = idx[s:s + bs]
+                item = (v.name, chunk, [read_image(v.frames[i]) for i in chunk])
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        out.put(None)
+    except BaseException as err:
+        out.put(err)
+
+
+def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
+    """'none'; 'causal' (trailing mean, usable live); 'centred' (offline only). Never uses test statistics."""
+    if mode == "none" or window <= 1 or len(x) == 0:
+        return x
+    if mode == "causal":
+        c = np.cumsum(np.concatenate([[0.0], x]))
+        i = np.arange(1, len(x) + 1)
+        lo = np.maximum(0, i - window)
+        return (c[i] - c[lo]) / (i - lo)
+    if mode == "centred":
+        k = np.ones(window) / window
+        pad = window // 2
+        xp = np.pad(x, (pad, window - 1 - pad), mode="edge")
+        return np.convolve(xp, k, mode="valid")
+    raise ValueError(f"unknown smoothing {mode!r}")
+
+
+def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: str | Path, every: int = 1,
+             smoothing: str = "none", window: int = 1, progress: bool = True, plots: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    videos = load_test_set(data)
+    det = Detector.load(cfg, bank_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(len(range(0, len(v.frames), every)) for v in videos)
+    per_video: dict[str, dict] = {v.name: {"scores": [], "comps": {}, "idx": []} for v in videos}
+    pix_all = PixelAuroc()
+    pix_video = {v.name: PixelAuroc() for v in videos}
+    by_name = {v.name: v for v in videos}
+    masks_cache: dict[str, np.ndarray | None] = {}
+    q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    t = threading.Thread(target=_reader, args=(videos, every, cfg.detector.batch_size, q, stop), daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="eval", unit="frame", disable=not progress, dynamic_ncols=True)
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            name, idx, images = item
+            out, comps, scores = det.score_images(images)
+            rec = per_video[name]
+            rec["scores"].append(scores)
+            rec["idx"].extend(idx)
+            for k, v in comps.items():
+                rec["comps"].setdefault(k, []).append(v)
+            if name not in masks_cache:
+                masks_cache = {name: by_name[name].pixel_masks()}  # one video's memmap at a time
+            masks = masks_cache[name]
+            if masks is not None:
+                maps = out.maps
+                if maps.shape[-1] != METRIC_SIZE:
+                    maps = F.interpolate(maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear",
+                                         align_corners=False).squeeze(1)
+                maps = maps.float().cpu().numpy()
+                gt = np.stack([cv2.resize(np.ascontiguousarray(masks[i]), (METRIC_SIZE, METRIC_SIZE),
+                                          interpolation=cv2.INTER_NEAREST) for i in idx]) > 0
+                pix_all.update(maps, gt)
+                pix_video[name].update(maps, gt)
+            bar.update(len(idx))
+    finally:
+        stop.set()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+
+    labels_all, scores_all = [], []
+    comps_all: dict[str, list] = {}
+    videos_out = {}
+    for v in videos:
+        rec = per_video[v.name]
+        idx = np.asarray(rec["idx"], dtype=int)
+        raw = np.concatenate(rec["scores"]) if rec["scores"] else np.zeros(0)
+        s = smooth_scores(raw, smoothing, window)
+        lab = v.labels[idx]
+        labels_all.append(lab)
+        scores_all.append(s)
+        for k, parts in rec["comps"].items():
+            comps_all.setdefault(k, []).append(np.concatenate(parts))
+        videos_out[v.name] = {
+            "n_frames": int(len(idx)), "n_anomalous": int(lab.sum()),
+            "frame_auroc": auroc(lab, s), "pixel_auroc": pix_video[v.name].value(),
+            "frame_indices": idx.tolist(), "scores": [round(float(x), 6) for x in s],
+            "labels": lab.astype(int).tolist(),
+        }
+    labels = np.concatenate(labels_all)
+    scores = np.concatenate(scores_all)
+    macro = [r["frame_auroc"] for r in videos_out.values() if not math.isnan(r["frame_auroc"])]
+    thr = det.frame_threshold
+    alarm = scores >= thr
+    metrics = {
+        "frame_auroc_micro": auroc(labels, scores),
+        "frame_auroc_macro": float(np.mean(macro)) if macro else float("nan"),
+        "pixel_auroc": pix_all.value(),
+        "n_frames": int(len(labels)),
+        "n_anomalous": int(labels.sum()),
+        "n_videos": len(videos),
+        "n_videos_macro": len(macro),
+        "every": every,
+        "frame_score": cfg.detector.frame_score,
+        "smoothing": {"mode": smoothing, "window": window},
+        "component_auroc_micro": {k: auroc(labels, np.concatenate(v)) for k, v in comps_all.items()},
+        "threshold": thr,
+        "at_threshold": {
+            "recall": float(alarm[labels == 1].mean()) if labels.any() else float("nan"),
+            "false_positive_rate": float(alarm[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+        },
+        "pixel_threshold": det.pixel_threshold,
+        "fps": total / elapsed if elapsed > 0 else float("nan"),
+        "config": cfg.detector.model_dump(),
+        "bank": str(bank_dir),
+        "data": str(data),
+        "per_video": videos_out,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    if plots:
+        from evaluation.plots import write_plots
+
+        write_plots(out_dir, labels, scores, pix_all, videos_out, thr)
+    return metrics
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return _json_safe(x.item())
+    return x

@@ -1,0 +1,23 @@
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+AVENUE = ROOT.parent / "shared" / "data" / "avenue_stc"
+
+# Two cores are shared by the decode threads and torch: keep torch from oversubscribing them in tests.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def avenue_root():
+    if not (AVENUE / "testing" / "frames").is_dir():
+        pytest.skip(f"{AVENUE} is absent (real footage is optional)")
+    return AVENUE

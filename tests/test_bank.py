@@ -1,0 +1,130 @@
+"""Memory bank: fit round trip, refusal of mismatched or truncated banks, bounded decoding."""
+import json
+
+import av
+import numpy as np
+import pytest
+
+import configs
+from configs.errors import UserError
+from detector.bank import PIXEL, open_bank
+from detector.detector import Detector
+from detector.fit import fit_bank, split_holdout
+from stream.footage import select_indices
+
+
+def write_video(path, n=20, size=(96, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(n):
+            img = (rng.random((size[1], size[0], 3)) * 60 + i * 5).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def small_cfg(**det):
+    tree = {"detector": {"backbone": {"name": "resnet18", "weights": "random"}, "input_size": 64, "grid": 8,
+                         "batch_size": 4, **det},
+            "bank": {"holdout": 0.2, "max_frames": None}}
+    return configs.parse(tree)
+
+
+@pytest.fixture
+def videos(tmp_path):
+    d = tmp_path / "normal"
+    d.mkdir()
+    write_video(d / "a.mp4", 20, seed=0)
+    write_video(d / "b.mp4", 12, seed=1)
+    return d
+
+
+def test_fit_round_trip(tmp_path, videos):
+    cfg = small_cfg()
+    meta = fit_bank(cfg, videos, tmp_path / "bank", progress=False)
+    assert meta["n_frames"] == 32 - meta["calibration"]["n_holdout"]
+    bank = open_bank(tmp_path / "bank")
+    bank.verify()
+    assert bank.pixel_features.dtype == np.float16
+    assert bank.pixel_features.shape == (meta["n_frames"], 64, meta["pixel_dim"])
+    assert bank.global_features.shape == (meta["n_frames"], 512)
+    cal = meta["calibration"]
+    assert np.isfinite(cal["pixel_threshold"]) and cal["frame"]["image_knn"]["threshold"] > 0
+    assert {s["path"].split("/")[-1] for s in meta["sources"]} == {"a.mp4", "b.mp4"}
+    # a bank frame scored against its own bank is at distance ~0 (fp16 rounding of the pixel features)
+    det = Detector.load(cfg, tmp_path / "bank")
+    import av as _av
+
+    with _av.open(str(videos / "a.mp4")) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    out, comps, _ = det.score_images([first])
+    assert comps["image_knn"][0] < 1e-3 * cal["frame"]["image_knn"]["mean"]
+    assert float(out.maps.max()) < 0.05 * cal["pixel_threshold"] + 1e-3
+
+
+def test_fit_with_every_and_max_frames(tmp_path, videos):
+    cfg = small_cfg()
+    cfg.bank.every = 2
+    cfg.bank.max_frames = 9
+    cfg.bank.holdout = 0.0
+    meta = fit_bank(cfg, videos, tmp_path / "bank", progress=False)
+    assert meta["n_frames"] == 9
+    frames = [tuple(x) for x in meta["frame_origins"]]
+    assert all(f % 2 == 0 for _, f in frames)
+
+
+def test_select_indices_even_and_bounded():
+    sel = select_indices([100, 50], every=1, max_frames=30)
+    assert sum(map(len, sel)) == 30
+    assert len(sel[0]) == 20 and len(sel[1]) == 10
+    assert select_indices([10], every=3, max_frames=None) == [[0, 3, 6, 9]]
+
+
+def test_holdout_is_a_contiguous_tail():
+    bank, hold = split_holdout([list(range(20)), list(range(10))], 0.2)
+    assert hold == [[16, 17, 18, 19], [8, 9]]
+    assert bank[0] == list(range(16))
+
+
+def test_mismatched_config_is_refused(tmp_path, videos):
+    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    with pytest.raises(UserError, match=r"grid=8 but the config gives grid=4"):
+        Detector.load(small_cfg(grid=4), tmp_path / "bank")
+    other = small_cfg()
+    other.detector.input_size = 96
+    with pytest.raises(UserError, match="input_size=64 but the config gives input_size=96"):
+        Detector.load(other, tmp_path / "bank")
+
+
+def test_truncated_bank_is_refused(tmp_path, videos):
+    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    p = tmp_path / "bank" / PIXEL
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match="truncated"):
+        open_bank(tmp_path / "bank")
+
+
+def test_corrupt_bank_fails_verification(tmp_path, videos):
+    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    p = tmp_path / "bank" / PIXEL
+    data = bytearray(p.read_bytes())
+    data[10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        open_bank(tmp_path / "bank").verify()
+
+
+def test_missing_or_foreign_bank(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        open_bank(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="meta.json: missing"):
+        open_bank(tmp_path / "empty")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "meta.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(UserError, match="format_version is 99"):
+        open_bank(tmp_path / "old")
