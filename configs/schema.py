@@ -10,7 +10,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BackboneName = Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
-FrameScore = Literal["image_knn", "map_max", "topq", "regions", "combined"]
+FrameScore = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq", "combined"]
+Component = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq"]
 
 
 class Section(BaseModel):
@@ -25,6 +26,20 @@ class BackboneConfig(Section):
     weights: Optional[str] = None
 
 
+class MotionConfig(Section):
+    """Motion evidence: dense optical flow (OpenCV DIS) between consecutive frames, pooled to the feature
+    grid and matched, cell by cell, against the flow seen at the same place in normal footage."""
+
+    enabled: bool = False
+    flow_size: int = Field(128, ge=16, le=512, description="flow is computed on flow_size^2 grayscale frames")
+    preset: Literal["ultrafast", "fast", "medium"] = "fast"
+    window: int = Field(1, ge=0, le=8, description="normal flow of cells within this many cells counts as "
+                        "normal here")
+    centres: int = Field(64, ge=1, le=4096, description="per-cell k-centre coreset of normal flow vectors")
+    weight: float = Field(1.0, ge=0.0, description="weight of the normalised motion map in the pixel map "
+                          "(0: the pixel map is appearance only; motion still feeds frame scores)")
+
+
 class DetectorConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     input_size: int = Field(256, ge=32, le=1024, description="frames are resized to input_size^2")
@@ -35,6 +50,14 @@ class DetectorConfig(Section):
     sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
     frame_score: FrameScore = "image_knn"
     topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
+    # 'combined': the mean of these components, each as a z-score against held-out normal frames.
+    combine: list[Component] = Field(default_factory=lambda: ["map_max", "topq"], min_length=1)
+    # Position awareness: None = SPADE's global correspondence (any cell of the gallery frames);
+    # r = a query cell only matches gallery cells within r cells of its own position (fixed cameras).
+    spatial_window: Optional[int] = Field(None, ge=0, le=64)
+    motion: MotionConfig = Field(default_factory=MotionConfig)
+    # Causal moving average of the frame score over the last N frames of each camera (1: off).
+    smooth_window: int = Field(1, ge=1, le=1000)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     batch_size: int = Field(16, ge=1, le=1024)
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (None: torch default)")
@@ -43,6 +66,12 @@ class DetectorConfig(Section):
     def _k_fit(self):
         if self.kappa > self.k_gallery * self.grid * self.grid:
             raise ValueError("kappa exceeds the number of gallery features (k_gallery * grid^2)")
+        if self.spatial_window is not None and self.kappa > self.k_gallery * (2 * self.spatial_window + 1) ** 2:
+            raise ValueError("kappa exceeds the gallery features inside spatial_window")
+        needs_motion = {"motion_max", "motion_topq"}
+        used = set(self.combine) if self.frame_score == "combined" else {self.frame_score}
+        if used & needs_motion and not self.motion.enabled:
+            raise ValueError(f"{sorted(used & needs_motion)} need detector.motion.enabled: true")
         return self
 
 

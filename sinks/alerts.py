@@ -1,0 +1,279 @@
+"""Alert lifecycle per camera (hysteresis + minimum durations) and the wire form of every message.
+
+State machine per camera, driven only by frame timestamps (never the wall clock, so offline files and
+replays alert exactly like live streams):
+
+    idle --score >= enter--> pending --held for min_duration_s--> OPEN  (emit "new")
+    pending --score < enter--> idle                                   (a short spike never alerts)
+    OPEN --score < exit--> closing --held for exit_duration_s--> idle (emit "end", reason "recovered")
+    closing --score >= exit--> OPEN
+
+While OPEN, "update" is emitted when the peak score rose materially or the regions changed, at most once
+per `update_interval_s`. A change that arrives inside the quiet interval is not lost: the next frame after
+the interval compares against what was last *emitted*, so it goes out then if it still holds.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from configs.schema import AlertsConfig
+from detector.result import FrameResult, Region
+from sinks.base import AlertEvent
+from stream.frame import Frame
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Peak:
+    """The highest-scoring frame of an alert so far. `version` increases whenever it changes, so a
+    snapshot writer can tell whether the image it saved is still the peak."""
+
+    frame: Frame
+    result: FrameResult
+    version: int = 0
+
+    @property
+    def score(self) -> float:
+        return float(self.result.score)
+
+
+@dataclass
+class _Open:
+    alert_id: str
+    start_ts: float
+    peak: Peak
+    last_event_ts: float
+    emitted_peak: float
+    emitted_regions: list[Region]
+    below_since: Optional[float] = None
+
+
+@dataclass
+class _Camera:
+    last_ts: Optional[float] = None
+    last_index: int = -1
+    above_since: Optional[float] = None  # pending: first frame of the current run >= enter
+    pending_peak: Optional[Peak] = None
+    open: Optional[_Open] = None
+
+
+def thresholds(cfg: AlertsConfig, result: FrameResult) -> tuple[float, float]:
+    """(enter, exit) in force for this frame. See AlertsConfig for the defaults."""
+    enter = float(cfg.enter_threshold) if cfg.enter_threshold is not None else float(result.threshold)
+    if cfg.exit_threshold is not None:
+        # Clamped: with enter taken from the frame, a fixed exit could otherwise sit above it and make
+        # an alert end and restart on every frame.
+        exit_ = min(float(cfg.exit_threshold), enter)
+    else:
+        exit_ = enter - 0.1 * abs(enter)
+    return enter, exit_
+
+
+def box_iou(a: Region, b: Region) -> float:
+    iw = min(a.x2, b.x2) - max(a.x1, b.x1)
+    ih = min(a.y2, b.y2) - max(a.y1, b.y1)
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def regions_changed(old: list[Region], new: list[Region], min_iou: float) -> bool:
+    """True when a region appeared, disappeared or moved: some box in either set has no partner in
+    the other with IoU >= min_iou (greedy one-to-one matching; region counts are small)."""
+    if len(old) != len(new):
+        return True
+    free = list(new)
+    for a in old:
+        best, best_iou = None, min_iou
+        for b in free:
+            iou = box_iou(a, b)
+            if iou >= best_iou:
+                best, best_iou = b, iou
+        if best is None:
+            return True
+        free.remove(best)
+    return False
+
+
+def new_alert_id(camera: str, start_ts: float) -> str:
+    """`<camera>-<start_ms>-<6 hex>`: readable, sortable per camera, and unique across restarts (media
+    timestamps of an offline file repeat from run to run, so the random part is what keeps ids apart).
+    Generated once per alert and reused by every message, so redelivery is recognisable."""
+    start_ms = int(round(start_ts * 1000)) if math.isfinite(start_ts) else 0
+    return f"{camera}-{start_ms}-{secrets.token_hex(3)}"
+
+
+class AlertTracker:
+    """Turns the per-frame scores of every camera into new / update / end events."""
+
+    def __init__(self, cfg: AlertsConfig | None = None) -> None:
+        self.cfg = cfg or AlertsConfig()
+        self._cams: dict[str, _Camera] = {}
+        # Peaks of alerts ended by the latest update()/close() call, so the caller can still write
+        # the final snapshot for the "end" events it was just handed.
+        self._ended: dict[str, Peak] = {}
+
+    # -- queries -------------------------------------------------------------------------------------
+    def peak(self, alert_id: str) -> Optional[Peak]:
+        """Peak frame of an open alert, or of one ended by the latest update()/close() call."""
+        if alert_id in self._ended:
+            return self._ended[alert_id]
+        for cam in self._cams.values():
+            if cam.open is not None and cam.open.alert_id == alert_id:
+                return cam.open.peak
+        return None
+
+    def open_alerts(self) -> dict[str, str]:
+        """camera -> alert_id of every open alert."""
+        return {c: s.open.alert_id for c, s in self._cams.items() if s.open is not None}
+
+    # -- driving -------------------------------------------------------------------------------------
+    def update(self, result: FrameResult, frame: Frame) -> list[AlertEvent]:
+        self._ended = {}
+        cam = self._cams.setdefault(result.camera_id, _Camera())
+        ts = float(result.timestamp)
+        if cam.last_ts is not None and ts < cam.last_ts:
+            # Time went backwards (file looped, camera clock reset): restart the running timers here
+            # rather than let negative durations hold an alert open or block one forever.
+            if cam.above_since is not None:
+                cam.above_since = ts
+            if cam.open is not None:
+                cam.open.last_event_ts = min(cam.open.last_event_ts, ts)
+                if cam.open.below_since is not None:
+                    cam.open.below_since = ts
+        cam.last_ts = ts
+        cam.last_index = int(result.frame_index)
+        enter, exit_ = thresholds(self.cfg, result)
+        score = float(result.score)  # NaN compares False everywhere: treated as "not anomalous"
+        if cam.open is None:
+            return self._idle_step(cam, result, frame, ts, score, enter)
+        return self._open_step(cam, result, frame, ts, score, enter, exit_)
+
+    def _idle_step(self, cam: _Camera, result, frame, ts, score, enter) -> list[AlertEvent]:
+        if not score >= enter:
+            cam.above_since, cam.pending_peak = None, None
+            return []
+        if cam.above_since is None:
+            cam.above_since = ts
+        if cam.pending_peak is None or score > cam.pending_peak.score:
+            cam.pending_peak = Peak(frame, result)
+        if ts - cam.above_since < self.cfg.min_duration_s:
+            return []
+        peak = cam.pending_peak
+        cam.open = _Open(
+            alert_id=new_alert_id(result.camera_id, cam.above_since),
+            start_ts=cam.above_since,
+            peak=peak,
+            last_event_ts=ts,
+            emitted_peak=peak.score,
+            emitted_regions=list(result.regions),
+        )
+        cam.above_since, cam.pending_peak = None, None
+        return [self._event("new", cam.open, result, regions=list(result.regions))]
+
+    def _open_step(self, cam: _Camera, result, frame, ts, score, enter, exit_) -> list[AlertEvent]:
+        op = cam.open
+        if score > op.peak.score:
+            op.peak = Peak(frame, result, op.peak.version + 1)
+        if not score >= exit_:
+            if op.below_since is None:
+                op.below_since = ts
+            if ts - op.below_since >= self.cfg.exit_duration_s:
+                return [self._end(cam, "recovered", result.frame_index)]
+            return []  # fading out: region churn while the score decays is noise, not news
+        op.below_since = None
+        if ts - op.last_event_ts < self.cfg.update_interval_s:
+            return []
+        # Relative to the last emitted peak; the |enter| floor keeps scores normalised around zero
+        # from turning every tiny rise into an update.
+        rise_needed = self.cfg.update_peak_rise * max(abs(op.emitted_peak), abs(enter), 1e-9)
+        peak_rose = op.peak.score - op.emitted_peak >= rise_needed
+        moved = regions_changed(op.emitted_regions, list(result.regions), self.cfg.update_region_iou)
+        if not (peak_rose or moved):
+            return []
+        op.last_event_ts = ts
+        op.emitted_peak = op.peak.score
+        op.emitted_regions = list(result.regions)
+        return [self._event("update", op, result, regions=list(result.regions))]
+
+    def close(self, reason: str = "shutdown", camera: str | None = None) -> list[AlertEvent]:
+        """End every open alert (or only `camera`'s) with `reason` ("shutdown" | "source_ended")."""
+        self._ended = {}
+        events = []
+        for name, cam in self._cams.items():
+            if camera is not None and name != camera:
+                continue
+            cam.above_since, cam.pending_peak = None, None
+            if cam.open is not None:
+                events.append(self._end(cam, reason, cam.last_index))
+        return events
+
+    def _end(self, cam: _Camera, reason: str, frame_index: int) -> AlertEvent:
+        op = cam.open
+        # The anomaly ended when the score first dropped below exit; on shutdown, at the last frame.
+        end_ts = op.below_since if op.below_since is not None else cam.last_ts
+        cam.open = None
+        self._ended[op.alert_id] = op.peak
+        # "end" carries the peak frame's regions: they describe what the snapshot shows.
+        ev = self._event("end", op, op.peak.result, regions=list(op.peak.result.regions))
+        ev.end_ts, ev.reason, ev.frame_index = end_ts, reason, frame_index
+        return ev
+
+    @staticmethod
+    def _event(kind: str, op: _Open, result: FrameResult, regions: list[Region]) -> AlertEvent:
+        return AlertEvent(
+            type=kind,
+            alert_id=op.alert_id,
+            camera=result.camera_id,
+            start_ts=op.start_ts,
+            end_ts=None,
+            peak_score=op.peak.score,
+            regions=regions,
+            frame_index=int(result.frame_index),
+        )
+
+
+# -- wire forms (shared by the JSONL and Redis sinks) ---------------------------------------------------
+def _finite(x) -> Optional[float]:
+    """JSON has no NaN/Infinity; a non-finite number goes out as null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _json_regions(regions: list[Region]) -> list[list]:
+    return [[r.x1, r.y1, r.x2, r.y2, _finite(round(r.peak, 4)), r.area] for r in regions]
+
+
+def alert_message(ev: AlertEvent) -> dict:
+    return {
+        "v": SCHEMA_VERSION,
+        "type": ev.type,
+        "alert_id": ev.alert_id,
+        "camera": ev.camera,
+        "start_ts": _finite(ev.start_ts),
+        "end_ts": None if ev.end_ts is None else _finite(ev.end_ts),
+        "peak_score": _finite(ev.peak_score),
+        "regions": _json_regions(ev.regions),
+        "snapshot": ev.snapshot,
+        "reason": ev.reason,
+        "frame_index": int(ev.frame_index),
+    }
+
+
+def frame_message(result: FrameResult) -> dict:
+    rec = result.to_record()
+    rec["ts"] = _finite(rec["ts"])
+    rec["score"] = _finite(rec["score"])
+    rec["threshold"] = _finite(rec["threshold"])
+    rec["regions"] = _json_regions(result.regions)
+    return {"v": SCHEMA_VERSION, **rec}
+
+
+def status_message(camera: str, state: str, ts: float, detail: str = "") -> dict:
+    return {"v": SCHEMA_VERSION, "camera": camera, "state": state, "ts": _finite(ts), "detail": detail}

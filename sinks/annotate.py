@@ -1,0 +1,176 @@
+"""Drawing the detector's view onto frames. No I/O and no hidden state: the `draw_*` functions paint
+onto the RGB canvas they are given (callers pass a copy) and return it; `Annotator` only remembers
+the recent scores each camera's timeline needs.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import cv2
+import numpy as np
+
+from detector.result import FrameResult, Region
+from stream.frame import Frame
+
+RED = (230, 40, 40)
+WHITE = (255, 255, 255)
+YELLOW = (255, 210, 0)
+CYAN = (80, 220, 255)
+
+
+def _font_scale(h: int) -> float:
+    return max(0.35, 0.6 * h / 720)
+
+
+def _thickness(h: int) -> int:
+    return max(1, round(h / 480))
+
+
+def _darken(canvas: np.ndarray, x1: int, y1: int, x2: int, y2: int, keep: float = 0.45) -> None:
+    """Dim a rectangle so text on it stays legible over any scene."""
+    roi = canvas[max(0, y1):max(0, y2), max(0, x1):max(0, x2)]
+    if roi.size:
+        roi[:] = (roi.astype(np.float32) * keep).astype(np.uint8)
+
+
+def heat_range(map_max: float, pixel_threshold: float | None, floor: float) -> tuple[float, float]:
+    """(lo, hi) of the map values the overlay spans: transparent at lo, full colour and opacity at hi.
+
+    With a pixel threshold, lo = 0.8 x threshold and hi = 2 x threshold, and opacity grows with the
+    square of the position, so below-threshold (normal) texture is nearly invisible (~3 % of full
+    opacity at the threshold itself) and calm frames look calm. Without one, the frame's own maximum
+    is the top of the scale, but never below `floor`: otherwise the faint noise of a normal frame
+    would be stretched to full colour.
+    """
+    if pixel_threshold is not None and pixel_threshold > 0:
+        return 0.8 * pixel_threshold, 2.0 * pixel_threshold
+    hi = max(float(map_max), floor) if math.isfinite(map_max) else floor
+    return 0.5 * hi, hi
+
+
+def heatmap_overlay(canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, alpha: float = 0.6,
+                    colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:
+    """Blend a colour-mapped `heat` (float, same H x W as canvas) over the RGB canvas.
+
+    OpenCV primitives throughout: the numpy equivalent costs ~50 ms on a 1080p frame, this ~15 ms.
+    """
+    heat = heat.astype(np.float32, copy=False)
+    if not np.isfinite(heat).all():
+        heat = np.nan_to_num(heat, nan=lo, posinf=hi, neginf=lo)
+    frac = cv2.max(cv2.min((heat - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-12)), 1.0), 0.0)
+    colour = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(frac, alpha=255), colormap),
+                          cv2.COLOR_BGR2RGB)
+    a = cv2.multiply(frac, frac, scale=float(alpha))  # quadratic: faint values stay faint
+    canvas[:] = cv2.blendLinear(canvas, colour, 1.0 - a, a)
+    return canvas
+
+
+def draw_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0),
+                 color=RED) -> np.ndarray:
+    """Boxes with their peak value. `scale` maps region coordinates (result.frame_size) to the canvas."""
+    h = canvas.shape[0]
+    fs, th = _font_scale(h), _thickness(h)
+    sx, sy = scale
+    for r in regions:
+        x1, y1, x2, y2 = int(r.x1 * sx), int(r.y1 * sy), int(r.x2 * sx) - 1, int(r.y2 * sy) - 1
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, th)
+        label = f"{r.peak:.2f}"
+        (tw, tht), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+        ty = y1 - 3 if y1 - tht - base - 3 >= 0 else min(y2 + tht + 3, h - base)  # inside if no room
+        cv2.rectangle(canvas, (x1, ty - tht - 2), (x1 + tw + 2, ty + base - 1), color, -1)
+        cv2.putText(canvas, label, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, fs, WHITE, th, cv2.LINE_AA)
+    return canvas
+
+
+def draw_status(canvas: np.ndarray, result: FrameResult) -> np.ndarray:
+    """Top bar: camera, frame index, score / threshold; red with ANOMALY while the frame is anomalous."""
+    h, w = canvas.shape[:2]
+    fs, th = _font_scale(h), _thickness(h)
+    text = f"{result.camera_id} #{result.frame_index}  score {result.score:.3f} / thr {result.threshold:.3f}"
+    (_, tht), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+    bar_h = tht + base + 8
+    if result.is_anomalous:
+        canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.float32(RED) * 0.65).astype(np.uint8)
+        (aw, _), _ = cv2.getTextSize("ANOMALY", cv2.FONT_HERSHEY_SIMPLEX, fs * 1.1, th + 1)
+        cv2.putText(canvas, "ANOMALY", (max(0, w - aw - 6), bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX,
+                    fs * 1.1, WHITE, th + 1, cv2.LINE_AA)
+    else:
+        _darken(canvas, 0, 0, w, bar_h)
+    cv2.putText(canvas, text, (4, bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX, fs, WHITE, th, cv2.LINE_AA)
+    return canvas
+
+
+def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height: int | None = None
+                  ) -> np.ndarray:
+    """Strip along the bottom: score (cyan, red where >= threshold) and threshold (yellow) over the
+    last `span_s` seconds. `points` are (ts, score, threshold), oldest first."""
+    h, w = canvas.shape[:2]
+    sh = height or max(16, h // 7)
+    top = h - sh
+    _darken(canvas, 0, top, w, h, keep=0.35)
+    pts = [(t, s, thr) for t, s, thr in points if math.isfinite(s) and math.isfinite(thr)]
+    if not pts:
+        return canvas
+    vals = [s for _, s, _ in pts] + [thr for _, _, thr in pts]
+    vmin, vmax = min(vals), max(vals)
+    pad = 0.1 * (vmax - vmin) or 0.1 * max(abs(vmax), 1.0)
+    vmin, vmax = vmin - pad, vmax + pad
+
+    def xy(t, v):
+        x = (w - 1) * (1.0 - (now - t) / span_s)
+        y = top + 1 + (sh - 3) * (vmax - v) / (vmax - vmin)
+        return int(round(x)), int(round(y))
+
+    th = _thickness(h)
+    for (t0, s0, r0), (t1, s1, r1) in zip(pts, pts[1:]):
+        cv2.line(canvas, xy(t0, r0), xy(t1, r1), YELLOW, th, cv2.LINE_AA)
+        cv2.line(canvas, xy(t0, s0), xy(t1, s1), RED if s1 >= r1 else CYAN, th, cv2.LINE_AA)
+    if len(pts) == 1:
+        t, s, r = pts[0]
+        cv2.circle(canvas, xy(t, s), th + 1, RED if s >= r else CYAN, -1)
+    return canvas
+
+
+def annotate_frame(image: np.ndarray, result: FrameResult, pixel_threshold: float | None = None,
+                   map_floor: float = 1.0, alpha: float = 0.6,
+                   colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:
+    """Heatmap + region boxes + status bar on a copy of `image` (RGB). Used as-is for snapshots."""
+    canvas = np.array(image, dtype=np.uint8, copy=True)
+    h, w = canvas.shape[:2]
+    amap = result.anomaly_map
+    finite = amap[np.isfinite(amap)] if amap is not None else np.empty(0)
+    map_max = float(finite.max()) if finite.size else float("nan")
+    lo, hi = heat_range(map_max, pixel_threshold, map_floor)
+    if math.isfinite(map_max) and map_max > lo:  # nothing to tint: skip the full-size resize and blend
+        heatmap_overlay(canvas, result.map_at((w, h)), lo, hi, alpha, colormap)
+    fw, fh = result.frame_size
+    scale = (w / fw, h / fh) if fw > 0 and fh > 0 else (1.0, 1.0)
+    draw_regions(canvas, result.regions, scale)
+    draw_status(canvas, result)
+    return canvas
+
+
+class Annotator:
+    """Full overlay for recorded video: `annotate_frame` plus each camera's scrolling score timeline."""
+
+    def __init__(self, pixel_threshold: float | None = None, timeline_s: float = 10.0,
+                 map_floor: float = 1.0, alpha: float = 0.6, colormap: int = cv2.COLORMAP_INFERNO) -> None:
+        self.pixel_threshold = pixel_threshold
+        self.timeline_s = float(timeline_s)
+        self.map_floor = map_floor
+        self.alpha = alpha
+        self.colormap = colormap
+        self._history: dict[str, deque] = {}
+
+    def annotate(self, frame: Frame, result: FrameResult) -> np.ndarray:
+        hist = self._history.setdefault(frame.camera_id, deque())
+        ts = float(result.timestamp)
+        if hist and ts < hist[-1][0]:
+            hist.clear()  # time went backwards (looped file): a timeline across the jump means nothing
+        hist.append((ts, float(result.score), float(result.threshold)))
+        while hist and hist[0][0] < ts - self.timeline_s:
+            hist.popleft()
+        canvas = annotate_frame(frame.image, result, self.pixel_threshold, self.map_floor, self.alpha,
+                                self.colormap)
+        return draw_timeline(canvas, hist, ts, self.timeline_s)

@@ -1,0 +1,263 @@
+"""The live pipeline: decode threads -> batcher -> detector -> sink thread.
+
+Sources decode in their own threads (stream.sources); the calling thread batches frames from every
+camera and runs the detector; one sink thread publishes results so that encoding video or talking to
+Redis overlaps the next batch's inference. The sink queue is bounded: for files that is backpressure
+(lossless), for live cameras the source buffers drop their oldest frames instead of growing latency.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from configs.schema import AppConfig
+from sinks import SinkSet
+from stream.batcher import Arrival, Batcher
+from stream.sources import Source, SourceState, StatusEvent
+from stream.stats import PipelineStats
+
+log = logging.getLogger(__name__)
+
+ONLINE_STATES = {SourceState.STREAMING}
+OFFLINE_STATES = {SourceState.RECONNECTING, SourceState.FAILED, SourceState.STOPPED}
+
+
+@dataclass
+class RunSummary:
+    elapsed_s: float
+    frames: int
+    cameras: dict[str, dict] = field(default_factory=dict)
+    reason: str = "finished"
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    sink_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class Pipeline:
+    def __init__(self, cfg: AppConfig, detector, sinks: SinkSet, sources: Sequence[Source] | None = None,
+                 stats: PipelineStats | None = None, source_factory: Callable | None = None):
+        self.cfg = cfg
+        self.detector = detector
+        self.sinks = sinks
+        self.stats = stats or PipelineStats()
+        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb))
+        self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
+        self._stop = threading.Event()
+        self._sink_q: queue.Queue = queue.Queue(maxsize=4)
+        self._online: dict[str, str] = {}
+        self._ended: set[str] = set()
+        self._reason = "finished"
+        self.detector_errors = 0
+
+    # --- control --------------------------------------------------------------------------------
+    def stop(self, reason: str = "shutdown") -> None:
+        if not self._stop.is_set():
+            self._reason = reason
+            self._stop.set()
+
+    def _on_status(self, ev: StatusEvent) -> None:
+        """Called on source threads: forwarded to the sink thread so sinks see one ordered stream."""
+        st = self.stats.camera(ev.camera)
+        st.status = ev.state.value if hasattr(ev.state, "value") else str(ev.state)
+        if ev.state in ONLINE_STATES:
+            state = "online"
+        elif ev.state in OFFLINE_STATES:
+            state = "offline"
+        else:
+            return
+        if self._online.get(ev.camera) == state:
+            return
+        self._online[ev.camera] = state
+        self._put(("status", ev.camera, state, ev.detail))
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._sink_q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._sink_thread_dead():
+                    return
+
+    def _sink_thread_dead(self) -> bool:
+        t = getattr(self, "_sink_thread", None)
+        return t is not None and not t.is_alive()
+
+    # --- sink thread ----------------------------------------------------------------------------
+    def _sink_loop(self) -> None:
+        while True:
+            item = self._sink_q.get()
+            if item is None:
+                return
+            kind = item[0]
+            try:
+                if kind == "results":
+                    _, results, arrivals = item
+                    t0 = time.perf_counter()
+                    for res, arr in zip(results, arrivals):
+                        events = self.sinks.publish(res, arr.frame)
+                        now = time.time()
+                        src = arr.source
+                        captured = arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) \
+                            else arr.received
+                        st = self.stats.camera(res.camera_id)
+                        st.record(max(0.0, now - captured), time.monotonic())
+                        st.alerts_opened += sum(1 for e in events if e.type == "new")
+                    self.stats.add_stage("sinks", time.perf_counter() - t0)
+                elif kind == "status":
+                    _, camera, state, detail = item
+                    self.sinks.camera_status(camera, state, detail)
+                elif kind == "end_camera":
+                    self.sinks.end_camera(item[1], "source_ended")
+            except Exception:
+                log.exception("sink thread: %s failed", kind)
+
+    # --- main loop ------------------------------------------------------------------------------
+    def _check_finished_sources(self) -> None:
+        for s in self.sources:
+            if s.name not in self._ended and s.finished:
+                self._ended.add(s.name)
+                if s.error is not None:
+                    log.error("%s: %s", s.name, s.error)
+                self._put(("end_camera", s.name))
+
+    def run(self, duration_s: Optional[float] = None, progress: bool | None = None) -> RunSummary:
+        progress = self.cfg.pipeline.progress if progress is None else progress
+        restore = self._install_signals()
+        self._sink_thread = threading.Thread(target=self._sink_loop, name="sinks", daemon=True)
+        self._sink_thread.start()
+        for s in self.sources:
+            self.stats.camera(s.name)
+            s.start()
+        display = ProgressDisplay(self, enabled=progress)
+        display.start()
+        batcher = Batcher(self.sources, self.cfg.pipeline.max_batch, self.cfg.pipeline.max_wait_ms / 1000.0)
+        t_start = time.monotonic()
+        deadline = t_start + duration_s if duration_s else None
+        all_done = False
+        try:
+            while not self._stop.is_set():
+                if deadline and time.monotonic() >= deadline:
+                    self.stop("duration")
+                    break
+                batch = batcher.next_batch(self._stop)
+                self._check_finished_sources()
+                if batch is None:
+                    if batcher.all_finished():
+                        all_done = True
+                        break
+                    continue
+                self._process(batch)
+        finally:
+            for s in self.sources:
+                s.stop(timeout=2.0)
+            self._check_finished_sources()
+            self._put(None)
+            self._sink_thread.join()
+            reason = "source_ended" if all_done and self._reason == "finished" else (
+                "shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
+            self.sinks.close(reason=reason)
+            display.stop()
+            restore()
+        elapsed = time.monotonic() - t_start
+        return RunSummary(
+            elapsed_s=elapsed, frames=self.stats.frames,
+            cameras={s.name: {"processed": self.stats.camera(s.name).processed, "decoded": s.decoded,
+                              "dropped": s.dropped, "reconnects": s.reconnects, "state": s.state.value,
+                              "alerts": self.stats.camera(s.name).alerts_opened,
+                              "latency_p50_ms": self.stats.camera(s.name).latency_ms(0.5),
+                              "latency_p99_ms": self.stats.camera(s.name).latency_ms(0.99),
+                              "error": str(s.error) if s.error else None}
+                     for s in self.sources},
+            reason="all sources ended" if all_done else self._reason,
+            stage_ms=self.stats.stage_ms_per_frame(), sink_errors=dict(self.sinks.errors),
+        )
+
+    def _process(self, batch: list[Arrival]) -> None:
+        frames = [a.frame for a in batch]
+        t0 = time.perf_counter()
+        try:
+            results = self.detector.score_frames(frames)
+        except Exception:
+            self.detector_errors += 1
+            log.exception("detector failed on a batch of %d frames (%d failures so far)", len(frames),
+                          self.detector_errors)
+            if self.detector_errors >= 3:
+                self.stop("detector_error")
+            return
+        self.stats.add_stage("detector", time.perf_counter() - t0)
+        self.stats.frames += len(frames)
+        self.stats.batches += 1
+        self._put(("results", results, batch))
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda signum, _f: self.stop("shutdown"))
+
+        def restore():
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        return restore
+
+
+class ProgressDisplay:
+    """A live per-camera table on a terminal; periodic log lines otherwise."""
+
+    def __init__(self, pipeline: Pipeline, enabled: bool, period_s: float | None = None):
+        self.p = pipeline
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.period = period_s or (1.0 if self.tty else 10.0)
+        self._stop = threading.Event()
+        self._lines = 0
+        self._t: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._t = threading.Thread(target=self._loop, name="progress", daemon=True)
+            self._t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join(timeout=2)
+            self._render()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self._render()
+
+    def rows(self) -> list[str]:
+        now = time.monotonic()
+        rows = [f"{'camera':<16} {'state':<12} {'fps':>6} {'lat p50':>8} {'lat p99':>8} {'frames':>8} "
+                f"{'dropped':>8} {'reconn':>6} {'alerts':>6}"]
+        for s in self.p.sources:
+            st = self.p.stats.camera(s.name)
+            rows.append(f"{s.name[:16]:<16} {s.state.value[:12]:<12} {st.fps(now):6.1f} "
+                        f"{st.latency_ms(0.5):7.0f}ms {st.latency_ms(0.99):7.0f}ms {st.processed:8d} "
+                        f"{s.dropped:8d} {s.reconnects:6d} {st.alerts_opened:6d}")
+        return rows
+
+    def _render(self) -> None:
+        rows = self.rows()
+        if self.tty:
+            up = f"\x1b[{self._lines}F" if self._lines else ""
+            sys.stderr.write(up + "".join(f"\x1b[2K{r}\n" for r in rows))
+            sys.stderr.flush()
+            self._lines = len(rows)
+        else:
+            for r in rows[1:]:
+                log.info("%s", " ".join(r.split()))
