@@ -150,13 +150,13 @@ class Pipeline:
                     self.stop("duration")
                     break
                 batch = batcher.next_batch(self._stop)
+                if batch is not None:
+                    self._process(batch)
+                # only after its last frame was queued for the sinks may a source's end be announced
                 self._check_finished_sources()
-                if batch is None:
-                    if batcher.all_finished():
-                        all_done = True
-                        break
-                    continue
-                self._process(batch)
+                if batch is None and batcher.all_finished():
+                    all_done = True
+                    break
         finally:
             for s in self.sources:
                 s.stop(timeout=2.0)
