@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from detector.result import Region
 
 
-def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int], min_area: int = 0) -> list[Region]:
+def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int], min_area: int = 0,
+                 max_regions: int = 32) -> list[Region]:
     """Regions of `amap` (float [S, S] at the model's input size) at or above `threshold`.
 
     Boxes and areas are scaled to `frame_size` (width, height); regions smaller than `min_area` frame
-    pixels are dropped. Sorted by peak score, highest first.
+    pixels are dropped. Sorted by peak score, highest first; at most `max_regions` are kept (a noisy
+    map can hold thousands of specks, and nobody acts on the 33rd box).
     """
     mask = (amap >= threshold).astype(np.uint8)
     if not mask.any():
@@ -22,21 +25,22 @@ def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int]
     mh, mw = amap.shape
     fw, fh = frame_size
     sx, sy = fw / mw, fh / mh
-    flat_labels = labels.ravel()
-    flat = amap.ravel().astype(np.float64)
-    sums = np.bincount(flat_labels, weights=flat, minlength=n)
-    peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, flat_labels, flat)
+    areas = np.rint(stats[1:, cv2.CC_STAT_AREA] * sx * sy).astype(np.int64)
+    keep = np.flatnonzero(areas >= min_area) + 1  # component labels that survive the area filter
+    if keep.size == 0:
+        return []
+    peaks = np.atleast_1d(ndimage.maximum(amap, labels, keep))
+    if keep.size > max_regions:
+        top = np.argpartition(-peaks, max_regions - 1)[:max_regions]
+        keep, peaks = keep[top], peaks[top]
+    means = ndimage.mean(amap, labels, keep)
     out = []
-    for i in range(1, n):
-        x, y, w, h, count = stats[i]
-        area = int(round(count * sx * sy))
-        if area < min_area:
-            continue
+    for lab, peak, mean in zip(keep, peaks, np.atleast_1d(means)):
+        x, y, w, h, _ = stats[lab]
         out.append(Region(
             x1=int(np.floor(x * sx)), y1=int(np.floor(y * sy)),
             x2=min(fw, int(np.ceil((x + w) * sx))), y2=min(fh, int(np.ceil((y + h) * sy))),
-            peak=float(peaks[i]), mean=float(sums[i] / count), area=area,
+            peak=float(peak), mean=float(mean), area=int(areas[lab - 1]),
         ))
     out.sort(key=lambda r: r.peak, reverse=True)
     return out
