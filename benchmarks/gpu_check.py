@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""GPU scores against the CPU path on the same frames; exits non-zero when they disagree.
+
+One bank (fitted on the CPU, cached under --workdir, the same generated scene as bench_pipeline) is
+loaded twice, by a CPU detector and a CUDA detector; the same decoded and resized frames go through
+`features` + `score_tensors` on both. Checks:
+
+  maps:       per frame, relative L2 error ||gpu - cpu|| / ||cpu|| of the final anomaly map; the worst
+              frame must be below --tol (default 1e-2). The max-abs relative error is reported too.
+  neighbours: the top-1 bank neighbour (SPADE's nearest frame) agrees on >= --min-agree of frames
+              (default 0.99).
+
+The CUDA path runs the backbone under bf16 autocast (detector/backbone.py, FeatureExtractor.forward),
+the CPU path in float32: this check is what tells whether that is close enough.
+
+Without a CUDA device it prints a message and exits 0 (nothing to check); --require-cuda makes that 3.
+
+Usage:
+  python benchmarks/gpu_check.py [--config default] [--backbone wide_resnet50_2 --weights random] \
+      [--frames 64] [--json benchmarks/gpu/gpu_check.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil as bu  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--backbone", default=None, choices=["efficientnet_lite0", "resnet18", "wide_resnet50_2"])
+    ap.add_argument("--weights", default=None, help="'random', 'pretrained' or a state-dict path")
+    ap.add_argument("--input-size", type=int, default=None)
+    ap.add_argument("--grid", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--device", default="cuda", help="the GPU device (default cuda)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--train-frames", type=int, default=120, help="per training video, 2 videos")
+    ap.add_argument("--size", default="856x480")
+    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--min-agree", type=float, default=0.99)
+    ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR))
+    ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--require-cuda", action="store_true", help="exit 3 (not 0) when there is no CUDA device")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device on this machine: nothing to check (run it on a machine with a GPU)")
+        return 3 if args.require_cuda else 0
+    from detector.detector import Detector, resize_batch
+
+    gpu_device = args.device
+    args.device = "cpu"
+    cfg_cpu = bu.load_config(args)
+    args.device = gpu_device
+    cfg_gpu = bu.load_config(args)
+    workdir = Path(args.workdir)
+    size = bu.parse_size(args.size)
+    clip = bu.ensure_clip(workdir, size, args.fps, args.frames, args.seed, "vehicle")
+    footage = bu.ensure_footage(workdir, size, args.fps, 2, args.train_frames, args.seed)
+    d = cfg_cpu.detector
+    bank, _ = bu.ensure_bank(cfg_cpu, footage, workdir)  # fitted on the CPU
+
+    from bench_pipeline import decode_file  # the pipeline benchmark's reader (stream.avio.VideoInput)
+
+    images, n, _ = decode_file(clip)
+    det_c = Detector.load(cfg_cpu, bank)
+    det_g = Detector.load(cfg_gpu, bank)
+    bs = cfg_cpu.pipeline.max_batch
+    rel_l2, rel_max, img_rel, top1_c, top1_g = [], [], [], [], []
+    t_c = t_g = 0.0
+    for b0 in range(0, n, bs):
+        small = resize_batch(images[b0:b0 + bs], d.input_size)
+        t0 = time.perf_counter()
+        oc, _ = det_c.score_tensors(*det_c.features(small))
+        t_c += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        og, _ = det_g.score_tensors(*det_g.features(small))
+        torch.cuda.synchronize()
+        t_g += time.perf_counter() - t0
+        mc = oc.maps.float().numpy().reshape(len(small), -1).astype(np.float64)
+        mg = og.maps.float().cpu().numpy().reshape(len(small), -1).astype(np.float64)
+        rel_l2 += list(np.linalg.norm(mg - mc, axis=1) / np.maximum(np.linalg.norm(mc, axis=1), 1e-12))
+        rel_max += list(np.abs(mg - mc).max(axis=1) / np.maximum(np.abs(mc).max(axis=1), 1e-12))
+        sc, sg = oc.image_scores.double().numpy(), og.image_scores.double().cpu().numpy()
+        img_rel += list(np.abs(sg - sc) / np.maximum(np.abs(sc), 1e-12))
+        top1_c += list(oc.neighbours[:, 0].numpy())
+        top1_g += list(og.neighbours[:, 0].cpu().numpy())
+    agree = float(np.mean(np.asarray(top1_c) == np.asarray(top1_g)))
+    res = {
+        "frames": n, "backbone": d.backbone.name, "weights": d.backbone.weights or "pretrained",
+        "input_size": d.input_size, "grid": d.grid, "gpu": torch.cuda.get_device_name(),
+        "map_rel_l2_max": float(np.max(rel_l2)), "map_rel_l2_median": float(np.median(rel_l2)),
+        "map_rel_maxabs_max": float(np.max(rel_max)), "image_score_rel_max": float(np.max(img_rel)),
+        "top1_agreement": agree, "tol": args.tol, "min_agree": args.min_agree,
+        "cpu_s": round(t_c, 3), "gpu_s": round(t_g, 3),
+    }
+    ok_maps = res["map_rel_l2_max"] < args.tol
+    ok_nn = agree >= args.min_agree
+    res["passed"] = bool(ok_maps and ok_nn)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        p = Path(args.json)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(res, indent=1))
+    if not res["passed"]:
+        why = []
+        if not ok_maps:
+            why.append(f"map relative L2 error {res['map_rel_l2_max']:.3g} >= {args.tol:g}")
+        if not ok_nn:
+            why.append(f"top-1 neighbour agreement {agree:.3f} < {args.min_agree:g}")
+        print("gpu_check: FAILED: " + "; ".join(why), file=sys.stderr)
+        return 1
+    print("gpu_check: passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark harness: bench_pipeline.py --quick on a tiny config, in a subprocess.
+
+Checks that the JSON has every key the tracker asks for, with positive values; no timing assertions.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """\
+detector:
+  backbone: {name: resnet18, weights: random}
+  input_size: 64
+  grid: 8
+  batch_size: 8
+pipeline:
+  max_batch: 8
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_pipeline_quick(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick", "--config", str(cfg),
+           "--frames", "8", "--train-frames", "12", "--size", "192x128", "--repeats", "1",
+           "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("decode_fps", "backbone_fps", "scoring_fps", "e2e_fps", "e2e_ratio", "peak_rss_mb"):
+        assert isinstance(r[key], (int, float)) and r[key] > 0, (key, r.get(key))
+    for stage in ("decode", "preprocess", "backbone", "knn", "post", "regions", "sinks"):
+        assert r["stage_ms"][stage] > 0, stage
+    assert set(r["multi_camera"]) == {"1", "2", "4"}
+    assert all(v > 0 for v in r["multi_camera"].values())
+    assert r["pipeline_stage_ms"]["detector"] > 0
+    for key in ("config", "torch_threads", "device", "git_commit", "date"):
+        assert key in r, key
+    assert r["frames"] == 8 and r["backbone"] == "resnet18"
+    assert "bench_pipeline:" in p.stdout  # the table
