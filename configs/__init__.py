@@ -1,7 +1,10 @@
 """Configuration loading: YAML -> environment overrides -> validated `AppConfig`."""
 from __future__ import annotations
 
+import logging
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,13 +59,29 @@ def apply_env(tree: dict, environ: Mapping[str, str]) -> dict:
     return tree
 
 
+# scheme://user:password@ -> scheme://***@ : a rejected URL is echoed without its credentials.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#@]*(?:@[^\s/?#@]*)*@")
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters (line breaks above all) escaped: one error, one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _loc_part(part) -> str:
+    return part if isinstance(part, str) and part and part.isprintable() and "." not in part else repr(part)
+
+
 def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(_loc_part(p) if not isinstance(p, int) else str(p) for p in e["loc"]) or "<root>"
         got = e.get("input")
         got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"{origin}: {loc}: {e['msg']}{got_s}")
+        if len(got_s) > 200:
+            got_s = got_s[:200] + "...)"
+        got_s = _USERINFO.sub(r"\1***@", got_s)
+        lines.append(_one_line(f"{origin}: {loc}: {e['msg']}{got_s}"))
     return "\n".join(lines)
 
 
@@ -85,13 +104,60 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{p}: not valid YAML: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{p}: cannot read config: {err}") from None
+    except (ValueError, OverflowError, RecursionError, TypeError) as err:
+        # PyYAML's resolvers raise plain ValueErrors, e.g. for a date like 2001-13-45
+        raise UserError(f"{p}: not valid YAML: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(tree, dict):
         raise UserError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
     tree = apply_env(tree, os.environ if environ is None else environ)
     return parse(tree, str(p))
 
 
-__all__ = ["AppConfig", "UserError", "load", "parse", "builtin"]
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def load_secrets(path: str | os.PathLike, environ: dict | None = None) -> list[str]:
+    """Read a `.env`-style secrets file once: `NAME=value` per line (`export ` prefix, blank lines and
+    `#` comments allowed; a value may be wrapped in single or double quotes, taken literally).
+
+    The names are added to `environ` (default `os.environ`) unless already set there (the real
+    environment wins), so every `*_env` config field can name them. Returns the names, never the values.
+
+    A world-readable file is refused (UserError); a group-readable one is accepted with a warning.
+    """
+    p = Path(path).expanduser()
+    where = f"pipeline.secrets_file: {p}"
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: cannot read ({type(err).__name__})") from None
+    if mode & stat.S_IROTH:
+        raise UserError(f"{where}: readable by every user (mode {stat.S_IMODE(mode):o}); "
+                        f"run: chmod 600 {p}")
+    if mode & stat.S_IRGRP:
+        logging.getLogger(__name__).warning("%s: readable by its group (mode %o); chmod 600 is safer",
+                                            p, stat.S_IMODE(mode))
+    env = os.environ if environ is None else environ
+    names = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _ENV_LINE.match(line)
+        if m is None:  # never echo the line: it may be a secret
+            raise UserError(f"{where}: line {n}: expected NAME=value")
+        name, value = m.group(1), m.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env.setdefault(name, value)
+        names.append(name)
+    return names
+
+
+__all__ = ["AppConfig", "UserError", "load", "load_secrets", "parse", "builtin"]

@@ -5,6 +5,7 @@ Any field can be overridden from the environment as SPADE__SECTION__FIELD=value 
 """
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -132,11 +133,29 @@ class SourceConfig(Section):
     # "equal": wait in [d/2, d] (never retries instantly); "full": wait in [0, d] (spreads
     # cameras that dropped together the most). d = min(reconnect_max_s, reconnect_base_s * 2^n).
     reconnect_jitter: Literal["equal", "full"] = "equal"
+    # Credentials are never written into `url`: name environment variables (or NAME=value lines of
+    # pipeline.secrets_file) holding them; they are put into the URL only when it is opened, and
+    # never appear in logs, status messages, metrics or alerts.
+    username_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                        description="environment variable holding the camera user name")
+    password_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                        description="environment variable holding the camera password")
+    # /healthz reports the camera unhealthy after this long without a frame. None: open_timeout_s +
+    # read_timeout_s + the current reconnect backoff ceiling (one full reconnect cycle).
+    health_timeout_s: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials_once(self):
+        if (self.username_env or self.password_env) and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*@", self.url):
+            raise ValueError("url already carries credentials (user:password@); remove them from the URL "
+                             "when username_env/password_env are used")
+        return self
 
 
 class RedisConfig(Section):
     url: Optional[str] = Field(None, description="redis:// or rediss:// URL; None disables the sink")
     password_env: Optional[str] = Field(None, description="environment variable holding the password")
+    username_env: Optional[str] = Field(None, description="environment variable holding the ACL user name")
     prefix: str = "spade"
     frames_maxlen: int = Field(10000, ge=1)
     alerts_maxlen: int = Field(100000, ge=1)
@@ -169,7 +188,12 @@ class SinksConfig(Section):
 class PipelineConfig(Section):
     max_batch: int = Field(8, ge=1)
     max_wait_ms: float = Field(20.0, ge=0)
-    metrics_port: Optional[int] = Field(None, ge=0, le=65535)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="serve /metrics and /healthz "
+                                        "on this port (0: any free port)")
+    metrics_host: str = Field("127.0.0.1", description="interface the metrics server listens on")
+    # A file of NAME=value lines (.env style) read once at start-up; the names become visible to
+    # every *_env field (variables already set in the environment win). Refused when world-readable.
+    secrets_file: Optional[str] = None
     progress: bool = True
 
 

@@ -286,6 +286,11 @@ class RedisSink:
             # Set on the pool (not passed to from_url, where a password in the URL would win): the
             # explicitly configured secret takes precedence.
             client.connection_pool.connection_kwargs["password"] = password
+        if cfg.username_env:
+            username = os.environ.get(cfg.username_env)
+            if username is None:
+                raise UserError(f"sinks.redis.username_env: environment variable {cfg.username_env} is not set")
+            client.connection_pool.connection_kwargs["username"] = username
         return client
 
     @staticmethod

@@ -94,6 +94,22 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", text)
 
 
+def with_credentials(url: str, username: Optional[str], password: Optional[str]) -> str:
+    """`url` with `username:password@` put in front of its host (percent-encoded), for FFmpeg only.
+
+    The result must never be logged or stored: pass it straight to `open_input`; every message
+    about it goes through `redact()`."""
+    if username is None and password is None:
+        return url
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*://)(.*)$", url.strip(), re.S)
+    if m is None:
+        raise UserError(f"{redact(url)}: credentials can only be added to a URL (rtsp://, http://, ...)")
+    from urllib.parse import quote
+
+    auth = quote(username or "", safe="") + (":" + quote(password, safe="") if password is not None else "")
+    return f"{m.group(1)}{auth}@{m.group(2)}"
+
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SUPPORTED = ("rtsp://, rtsps://, http(s):// (HLS .m3u8 included), a video file, "
               "a folder of images or a webcam (/dev/videoN, N or v4l2:/dev/videoN)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def add_live_commands(sub, common) -> None:
     p.add_argument("--out", default="runs/latest", metavar="DIR",
                    help="where events.jsonl and snapshots go (default runs/latest)")
     p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics and /healthz")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics and /healthz on this port (0: any free port)")
+    p.add_argument("--secrets-file", default=None, metavar="FILE",
+                   help="NAME=value lines (chmod 600) that *_env config fields may name")
     p.add_argument("--no-progress", action="store_true", help="no live terminal display")
 
     p = sub.add_parser("demo", help="self-contained demo on generated footage (no setup needed)")
@@ -50,6 +54,17 @@ def add_live_commands(sub, common) -> None:
 
 
 def apply_cli_overrides(cfg, args):
+    from pydantic import ValidationError
+
+    try:
+        return _apply_cli_overrides(cfg, args)
+    except ValidationError as err:  # validate_assignment: a bad --metrics-port, --redis, ...
+        from configs import format_validation_error
+
+        raise UserError(format_validation_error(err, "command line: pipeline/sinks")) from None
+
+
+def _apply_cli_overrides(cfg, args):
     for spec in args.source:
         sc = _parse_source(spec)
         if any(s.name == sc.name for s in cfg.sources):
@@ -61,6 +76,8 @@ def apply_cli_overrides(cfg, args):
         cfg.sinks.video.dir = args.video_out
     if getattr(args, "metrics_port", None) is not None:
         cfg.pipeline.metrics_port = args.metrics_port
+    if getattr(args, "secrets_file", None):
+        cfg.pipeline.secrets_file = args.secrets_file
     return cfg
 
 
@@ -75,17 +92,26 @@ def run_pipeline(cfg, bank: Path, out_dir: Path, duration=None, progress=True):
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise UserError(f"sources: duplicate camera name(s) {sorted(dupes)}")
+    if cfg.pipeline.secrets_file:
+        import configs
+
+        names = configs.load_secrets(cfg.pipeline.secrets_file)
+        log.info("secrets file %s: %d name(s) loaded", cfg.pipeline.secrets_file, len(names))
     det = Detector.load(cfg, bank)
     out_dir.mkdir(parents=True, exist_ok=True)
     fps_hint = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
     sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=fps_hint, pixel_threshold=det.pixel_threshold)
-    pipe = Pipeline(cfg, det, sinks)
     metrics = None
-    if cfg.pipeline.metrics_port is not None:
-        from stream.metrics import MetricsServer
+    try:
+        pipe = Pipeline(cfg, det, sinks)
+        if cfg.pipeline.metrics_port is not None:
+            from stream.metrics import MetricsServer
 
-        metrics = MetricsServer(pipe, cfg.pipeline.metrics_port)
-        metrics.start()
+            metrics = MetricsServer(pipe, cfg.pipeline.metrics_port, host=cfg.pipeline.metrics_host)
+            metrics.start()
+    except BaseException:
+        sinks.close(reason="shutdown")  # a config error must not leave a Redis worker or open files
+        raise
     try:
         summary = pipe.run(duration_s=duration, progress=progress)
     finally:
@@ -109,6 +135,8 @@ def cmd_run(args) -> int:
                            progress=cfg.pipeline.progress and not args.no_progress and not args.quiet)
     print(json.dumps(_summary_json(summary), indent=1, default=str))
     failed = [n for n, c in summary.cameras.items() if c.get("error")]
+    for n in failed:  # one line each, naming the camera and the (redacted) file or URL
+        print(f"error: {n}: {summary.cameras[n]['error']}", file=sys.stderr)
     return 2 if failed and len(failed) == len(summary.cameras) else 0
 
 

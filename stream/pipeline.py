@@ -28,6 +28,24 @@ ONLINE_STATES = {SourceState.STREAMING}
 OFFLINE_STATES = {SourceState.RECONNECTING, SourceState.FAILED, SourceState.STOPPED}
 
 
+class _Tick:
+    """What `Batcher.next_batch` waits on: set when the pipeline stops, and also `period` s after
+    `arm()`, so that the main loop regains control regularly (duration deadline, announcing finished
+    sources) even while no camera delivers a frame -- e.g. one file ended and the other camera is
+    down: without it next_batch would wait for a frame forever and `duration_s` would never fire."""
+
+    def __init__(self, stop: threading.Event, period: float):
+        self.stop, self.period = stop, period
+        self._until = 0.0
+
+    def arm(self) -> "_Tick":
+        self._until = time.monotonic() + self.period
+        return self
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or time.monotonic() >= self._until
+
+
 @dataclass
 class RunSummary:
     elapsed_s: float
@@ -57,6 +75,16 @@ class Pipeline:
         self._ended: set[str] = set()
         self._reason = "finished"
         self.detector_errors = 0
+        # Called on the sink thread for every published frame: fn(camera, latency_s, events).
+        # stream.metrics uses it for the latency histogram; an observer that raises is logged and skipped.
+        self.observers: list[Callable] = []
+
+    def add_observer(self, fn: Callable) -> None:
+        self.observers.append(fn)
+
+    @property
+    def sink_queue_depth(self) -> int:
+        return self._sink_q.qsize()
 
     # --- control --------------------------------------------------------------------------------
     def stop(self, reason: str = "shutdown") -> None:
@@ -110,8 +138,14 @@ class Pipeline:
                         captured = arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) \
                             else arr.received
                         st = self.stats.camera(res.camera_id)
-                        st.record(max(0.0, now - captured), time.monotonic())
+                        latency = max(0.0, now - captured)
+                        st.record(latency, time.monotonic())
                         st.alerts_opened += sum(1 for e in events if e.type == "new")
+                        for fn in self.observers:
+                            try:
+                                fn(res.camera_id, latency, events)
+                            except Exception:
+                                log.exception("pipeline observer %r failed", fn)
                     self.stats.add_stage("sinks", time.perf_counter() - t0)
                 elif kind == "status":
                     _, camera, state, detail = item
@@ -122,13 +156,17 @@ class Pipeline:
                 log.exception("sink thread: %s failed", kind)
 
     # --- main loop ------------------------------------------------------------------------------
-    def _check_finished_sources(self) -> None:
+    def _check_finished_sources(self, announce: bool = True) -> None:
+        """Announce sources whose input ended (their open alert ends with reason "source_ended").
+        announce=False after stop(): they ended because we stopped them, and their alerts end with
+        the run's reason ("shutdown") in sinks.close()."""
         for s in self.sources:
             if s.name not in self._ended and s.finished:
                 self._ended.add(s.name)
                 if s.error is not None:
                     log.error("%s: %s", s.name, s.error)
-                self._put(("end_camera", s.name))
+                if announce:
+                    self._put(("end_camera", s.name))
 
     def run(self, duration_s: Optional[float] = None, progress: bool | None = None) -> RunSummary:
         progress = self.cfg.pipeline.progress if progress is None else progress
@@ -144,12 +182,14 @@ class Pipeline:
         t_start = time.monotonic()
         deadline = t_start + duration_s if duration_s else None
         all_done = False
+        # a partly filled batch is cut short at most once per tick: keep it well above max_wait_ms
+        tick = _Tick(self._stop, max(0.5, 4 * self.cfg.pipeline.max_wait_ms / 1000.0))
         try:
             while not self._stop.is_set():
                 if deadline and time.monotonic() >= deadline:
                     self.stop("duration")
                     break
-                batch = batcher.next_batch(self._stop)
+                batch = batcher.next_batch(tick.arm())
                 if batch is not None:
                     self._process(batch)
                 # only after its last frame was queued for the sinks may a source's end be announced
@@ -158,9 +198,17 @@ class Pipeline:
                     all_done = True
                     break
         finally:
+            # Ask every source to stop first, then join them against one deadline: a camera stuck
+            # in a network read (it ends at its read timeout) must not delay the others' shutdown.
             for s in self.sources:
-                s.stop(timeout=2.0)
-            self._check_finished_sources()
+                request = getattr(s, "request_stop", None)
+                if request is not None:
+                    request()
+            stop_deadline = time.monotonic() + 2.0
+            stopped = self._stop.is_set()
+            for s in self.sources:
+                s.stop(timeout=max(0.05, stop_deadline - time.monotonic()))
+            self._check_finished_sources(announce=not stopped)
             self._put(None)
             self._sink_thread.join()
             reason = "source_ended" if all_done and self._reason == "finished" else (

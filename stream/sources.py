@@ -189,6 +189,26 @@ class Source:
         self.reconnects = 0
         self.last_frame_time: Optional[float] = None  # clock() when the latest frame was decoded
         self.backoff = Backoff(cfg.reconnect_base_s, cfg.reconnect_max_s, cfg.reconnect_jitter)
+        self.started_at: Optional[float] = None  # clock() at start()
+        self._credentials()  # a missing secret is a configuration error: refuse now, not at first open
+
+    def _credentials(self) -> tuple[Optional[str], Optional[str]]:
+        """(user name, password) from the environment variables the config names (read at every
+        open, so a rotated password is picked up at the next reconnect)."""
+        import os
+
+        values = []
+        for field in ("username_env", "password_env"):
+            var = getattr(self.cfg, field)
+            if var is None:
+                values.append(None)
+                continue
+            value = os.environ.get(var)
+            if value is None:
+                raise UserError(f"sources.{self.name}.{field}: environment variable {var} is not set "
+                                "(export it, or put it in pipeline.secrets_file)")
+            values.append(value)
+        return values[0], values[1]
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -217,6 +237,7 @@ class Source:
     def start(self) -> "Source":
         if self._thread is not None or self._stop.is_set():
             raise RuntimeError(f"source {self.name} already started or stopped; create a new Source")
+        self.started_at = self._clock()
         self._set_state(SourceState.CONNECTING, f"opening {self.url}")
         self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
         self._thread.start()
@@ -225,6 +246,38 @@ class Source:
     def read(self, timeout: float = 1.0) -> Optional[Frame]:
         """The next frame, or None after `timeout` seconds without one (or when finished)."""
         return self._buffer.get(timeout)
+
+    def health_timeout(self) -> float:
+        """Seconds without a frame after which /healthz calls this camera unhealthy."""
+        if self.cfg.health_timeout_s is not None:
+            return self.cfg.health_timeout_s
+        return self.cfg.open_timeout_s + self.cfg.read_timeout_s + self.backoff.ceiling()
+
+    def health(self, now: Optional[float] = None) -> dict:
+        """{"healthy", "state", "last_frame_age_s", "timeout_s", "reason"}: no URL, no credentials.
+
+        A file that ended normally is healthy ("ended"); FAILED is not; anything else is unhealthy
+        once no frame arrived for `health_timeout()` seconds (since start if none ever did)."""
+        now = self._clock() if now is None else now
+        state = self._state
+        ref = self.last_frame_time if self.last_frame_time is not None else self.started_at
+        age = None if ref is None else max(0.0, now - ref)
+        timeout = self.health_timeout()
+        out = {"state": state.value, "last_frame_age_s": None if self.last_frame_time is None
+               else round(max(0.0, now - self.last_frame_time), 3), "timeout_s": round(timeout, 3)}
+        if state == SourceState.FAILED:
+            return {**out, "healthy": False, "reason": "failed"}
+        if state == SourceState.STOPPED:
+            return {**out, "healthy": True, "reason": "ended"}
+        if age is not None and age > timeout:
+            return {**out, "healthy": False,
+                    "reason": f"no frame for {age:.1f} s (timeout {timeout:.1f} s)"}
+        return {**out, "healthy": True, "reason": "ok"}
+
+    def request_stop(self) -> None:
+        """Ask the decode thread to stop without waiting for it (see `stop`)."""
+        self._stop.set()
+        self._buffer.close(discard=True)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop decoding, discard buffered frames, join the thread. True if it ended in time.
@@ -309,7 +362,9 @@ class Source:
         cfg = self.cfg
         if self.kind == "images":
             return avio.ImageFolder(cfg.url)
-        return avio.VideoInput(cfg.url, self.kind, open_timeout=cfg.open_timeout_s,
+        user, password = self._credentials()
+        url = avio.with_credentials(cfg.url, user, password)  # never stored: only FFmpeg sees it
+        return avio.VideoInput(url, self.kind, open_timeout=cfg.open_timeout_s,
                                read_timeout=cfg.read_timeout_s, rtsp_transport=cfg.rtsp_transport)
 
     def _run_recorded(self) -> None:

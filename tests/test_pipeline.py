@@ -10,98 +10,18 @@ import av
 import numpy as np
 import pytest
 
-import configs
 from configs.schema import SourceConfig
 from detector.detector import Detector
-from detector.fit import fit_bank
 from sinks import build_sinks
 from stream.pipeline import Pipeline
+from tests.helpers import ANOMALY, H, W, base_cfg, records, run, run_until, shared_env
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 
-W, H = 192, 128
-ANOMALY = (24, 44)  # frames [a, b) carry the anomalous object
-
-
-def scene(n, seed=0, anomaly=None, noise_seed=1):
-    """A static textured scene with sensor noise; optionally a checkered square crossing it."""
-    rng = np.random.default_rng(seed)
-    base = rng.random((H // 8, W // 8, 3))
-    import cv2
-
-    bg = (cv2.resize(base, (W, H), interpolation=cv2.INTER_CUBIC) * 120 + 60).clip(0, 255)
-    noise = np.random.default_rng(noise_seed)
-    for i in range(n):
-        img = bg * noise.uniform(0.97, 1.03) + noise.normal(0, 4.0, bg.shape)
-        if anomaly and anomaly[0] <= i < anomaly[1]:
-            x = 8 + (i - anomaly[0]) * 6
-            sq = np.indices((24, 24)).sum(0) // 4 % 2 * 255.0
-            img[40:64, x:x + 24] = sq[..., None] * np.array([1.0, 0.2, 0.1])
-        yield img.clip(0, 255).astype(np.uint8)
-
-
-def write(path, frames, fps=24):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.options = {"crf": "18", "preset": "ultrafast"}
-        n = 0
-        for img in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-            n += 1
-        for p in s.encode():
-            c.mux(p)
-    return n
-
-
-def base_cfg(**pipeline):
-    return configs.parse({
-        "detector": {"backbone": {"name": "efficientnet_lite0"}, "input_size": 128, "grid": 16,
-                     "batch_size": 8, "frame_score": "map_max"},
-        "bank": {"holdout": 0.25, "max_frames": None, "target_false_alarms_per_hour": 1.0},
-        "regions": {"min_area": 16},
-        "alerts": {"min_duration_s": 0.1, "exit_duration_s": 0.2},
-        "pipeline": {"max_batch": 4, "max_wait_ms": 10, "progress": False, **pipeline},
-    })
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipe")
-    (d / "normal").mkdir()
-    write(d / "normal" / "n.mp4", scene(80, seed=0))
-    write(d / "clip.mp4", scene(64, seed=0, anomaly=ANOMALY, noise_seed=2))
-    write(d / "plain.mp4", scene(30, seed=0, noise_seed=3))
-    cfg = base_cfg()
-    fit_bank(cfg, d / "normal", d / "bank", progress=False)
-    return d
-
-
-def run(cfg, bank, out, sources, duration=None, detector=None):
-    cfg.sources = sources
-    det = detector or Detector.load(cfg, bank)
-    sinks = build_sinks(cfg.sinks, cfg.alerts, out, pixel_threshold=det.pixel_threshold)
-    pipe = Pipeline(cfg, det, sinks)
-    return pipe, pipe.run(duration_s=duration, progress=False)
-
-
-def run_until(cfg, bank, out, sources, done, timeout=90.0, detector=None):
-    """Run until `done(pipe)` holds (or `timeout`): tests stay correct on a slow or loaded machine."""
-    cfg.sources = sources
-    det = detector or Detector.load(cfg, bank)
-    pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, out, pixel_threshold=det.pixel_threshold))
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=timeout, progress=False)))
-    t.start()
-    while t.is_alive() and not done(pipe):
-        time.sleep(0.05)
-    pipe.stop()
-    t.join(timeout=30)
-    return pipe, box["s"]
-
-
-def records(path: Path, kind: str):
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == kind]
+    return shared_env(tmp_path_factory)  # footage + bank fitted once per session (tests/helpers.py)
 
 
 def test_file_source_processes_exactly_its_frames(env, tmp_path):
@@ -244,8 +164,15 @@ def test_rtsp_server_killed_and_restarted(env, tmp_path):
                 time.sleep(0.1)
             before = pipe.stats.camera("rtsp").processed
             assert before >= 10
+            killed_at = time.time()
             srv.kill()
-            time.sleep(3.0)
+            # offline within the read timeout (+ slack for a loaded machine), and processing of the
+            # camera pauses while the server is away
+            deadline = time.time() + src.read_timeout_s + 15
+            while pipe._online.get("rtsp") != "offline" and time.time() < deadline:
+                time.sleep(0.05)
+            assert pipe._online.get("rtsp") == "offline"
+            time.sleep(1.0)
             srv.restart()
             deadline = time.time() + 12
             while pipe.stats.camera("rtsp").processed < before + 10 and time.time() < deadline:
@@ -254,9 +181,13 @@ def test_rtsp_server_killed_and_restarted(env, tmp_path):
         finally:
             pipe.stop()
             t.join(timeout=15)
-        states = [r["state"] for r in records(tmp_path / "events.jsonl", "status") if r["camera"] == "rtsp"]
+        status = [r for r in records(tmp_path / "events.jsonl", "status") if r["camera"] == "rtsp"]
+        states = [r["state"] for r in status]
         assert states[:3] == ["online", "offline", "online"], states
+        # the offline message is stamped when the source noticed: within read_timeout_s (+ slack)
+        assert status[1]["ts"] - killed_at <= src.read_timeout_s + 5.0, status[1]["ts"] - killed_at
         assert box["s"].cameras["rtsp"]["reconnects"] >= 1
+        assert box["s"].cameras["rtsp"]["error"] is None
 
 
 def test_invalid_config_one_line_per_field(tmp_path):
