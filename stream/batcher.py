@@ -48,10 +48,15 @@ class Batcher:
     def all_finished(self) -> bool:
         return all(s.finished for s in self.sources)
 
-    def next_batch(self, stop: threading.Event) -> list[Arrival] | None:
-        """The next batch; None once every source has finished (or `stop` is set) and nothing is left."""
+    def next_batch(self, stop: threading.Event, idle_s: float | None = None) -> list[Arrival] | None:
+        """The next batch; None once every source has finished (or `stop` is set) and nothing is left.
+
+        With `idle_s`, an empty list comes back after that long without any frame, so the caller
+        regains control (deadlines, finished sources) while every camera is silent.
+        """
         batch: list[Arrival] = []
         first = None
+        idle_until = time.monotonic() + idle_s if idle_s is not None else None
         while not stop.is_set():
             took = self._sweep(batch)
             if batch and first is None:
@@ -63,5 +68,7 @@ class Batcher:
             if not took:
                 if self.all_finished():
                     return batch or None
+                if not batch and idle_until is not None and time.monotonic() >= idle_until:
+                    return []
                 time.sleep(self.poll_s)
         return batch or None

@@ -28,24 +28,6 @@ ONLINE_STATES = {SourceState.STREAMING}
 OFFLINE_STATES = {SourceState.RECONNECTING, SourceState.FAILED, SourceState.STOPPED}
 
 
-class _Tick:
-    """What `Batcher.next_batch` waits on: set when the pipeline stops, and also `period` s after
-    `arm()`, so that the main loop regains control regularly (duration deadline, announcing finished
-    sources) even while no camera delivers a frame -- e.g. one file ended and the other camera is
-    down: without it next_batch would wait for a frame forever and `duration_s` would never fire."""
-
-    def __init__(self, stop: threading.Event, period: float):
-        self.stop, self.period = stop, period
-        self._until = 0.0
-
-    def arm(self) -> "_Tick":
-        self._until = time.monotonic() + self.period
-        return self
-
-    def is_set(self) -> bool:
-        return self.stop.is_set() or time.monotonic() >= self._until
-
-
 @dataclass
 class RunSummary:
     elapsed_s: float
@@ -182,15 +164,15 @@ class Pipeline:
         t_start = time.monotonic()
         deadline = t_start + duration_s if duration_s else None
         all_done = False
-        # a partly filled batch is cut short at most once per tick: keep it well above max_wait_ms
-        tick = _Tick(self._stop, max(0.5, 4 * self.cfg.pipeline.max_wait_ms / 1000.0))
+        # Silent cameras must not keep the loop from its deadline or from noticing finished sources.
+        idle_s = max(0.5, 4 * self.cfg.pipeline.max_wait_ms / 1000.0)
         try:
             while not self._stop.is_set():
                 if deadline and time.monotonic() >= deadline:
                     self.stop("duration")
                     break
-                batch = batcher.next_batch(tick.arm())
-                if batch is not None:
+                batch = batcher.next_batch(self._stop, idle_s)
+                if batch:
                     self._process(batch)
                 # only after its last frame was queued for the sinks may a source's end be announced
                 self._check_finished_sources()
