@@ -7,6 +7,12 @@ Layout of a bank directory:
   global.faiss  exact L2 index over global.npy (used for CPU search when faiss is installed)
   pixel.f16     float16 [N, grid*grid, C], raw row-major: memory-mapped, only the K neighbours of a
                 frame are ever read, so the bank may be far larger than RAM.
+  motion.npy    float32 [grid*grid, M, 3] per-cell coreset of normal flow features (only when the bank
+                was fitted with detector.motion.enabled; see detector/motion.py). Format version 2.
+
+meta.json's calibration holds, since version 2, the frame-score components of every held-out frame
+(`holdout_components`, in time order, with `holdout_items`), so any frame score, combination or
+smoothing can be calibrated against them when the detector loads.
 """
 from __future__ import annotations
 
@@ -22,11 +28,13 @@ import numpy as np
 
 from configs.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no motion model, no held-out component sequences
 META = "meta.json"
 GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
 FAISS = "global.faiss"
+MOTION = "motion.npy"
 
 
 class BankWriter:
@@ -35,7 +43,7 @@ class BankWriter:
     def __init__(self, directory: Path, *, pixel_dim: int, grid: int, global_dim: int):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (META, GLOBAL, PIXEL, FAISS):
+        for name in (META, GLOBAL, PIXEL, FAISS, MOTION):
             (self.dir / name).unlink(missing_ok=True)  # never leave a stale half of an old bank
         self.pixel_dim, self.grid, self.global_dim = pixel_dim, grid, global_dim
         self._pixel = open(self.dir / (PIXEL + ".part"), "wb")
@@ -61,7 +69,7 @@ class BankWriter:
         self._pixel.close()
         (self.dir / (PIXEL + ".part")).unlink(missing_ok=True)
 
-    def finish(self, meta: dict[str, Any]) -> Path:
+    def finish(self, meta: dict[str, Any], motion_model: np.ndarray | None = None) -> Path:
         if self.n == 0:
             self.abort()
             raise UserError(f"{self.dir}: no frames were read, the memory bank would be empty")
@@ -72,6 +80,10 @@ class BankWriter:
         glob = np.concatenate(self._global, axis=0)
         np.save(self.dir / GLOBAL, glob)
         _write_faiss(self.dir / FAISS, glob)
+        checksums = {GLOBAL: _sha256_file(self.dir / GLOBAL), PIXEL: self._pixel_hash.hexdigest()}
+        if motion_model is not None:
+            np.save(self.dir / MOTION, np.ascontiguousarray(motion_model, dtype=np.float32))
+            checksums[MOTION] = _sha256_file(self.dir / MOTION)
         meta = dict(meta)
         meta.update(
             format_version=FORMAT_VERSION,
@@ -80,7 +92,7 @@ class BankWriter:
             pixel_dim=self.pixel_dim,
             global_dim=self.global_dim,
             frame_origins=self.sources,
-            checksums={GLOBAL: _sha256_file(self.dir / GLOBAL), PIXEL: self._pixel_hash.hexdigest()},
+            checksums=checksums,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         write_meta(self.dir, meta)
@@ -121,6 +133,7 @@ class MemoryBank:
     global_features: np.ndarray  # float32 [N, D]
     pixel_features: np.memmap  # float16 [N, grid*grid, C]
     calibration: dict = field(default_factory=dict)
+    motion_model: np.ndarray | None = None  # float32 [grid*grid, M, 3]
 
     @property
     def n_frames(self) -> int:
@@ -152,9 +165,10 @@ def read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable bank metadata ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
         got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise UserError(f"{path}: format_version is {got!r}, this program reads {FORMAT_VERSION}")
+        raise UserError(f"{path}: format_version is {got!r}, this program reads "
+                        f"{' or '.join(map(str, READABLE_VERSIONS))}")
     return meta
 
 
@@ -188,4 +202,13 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
     if glob.shape != (n, d) or glob.dtype != np.float32:
         raise UserError(f"{directory / GLOBAL}: shape {glob.shape} {glob.dtype}, expected ({n}, {d}) float32")
     pixel = np.memmap(pix_path, dtype=np.float16, mode="r", shape=(n, g * g, c))
-    return MemoryBank(directory, meta, glob, pixel, meta.get("calibration") or {})
+    motion = None
+    if (directory / MOTION).is_file():
+        try:
+            motion = np.load(directory / MOTION)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{directory / MOTION}: unreadable ({err})") from None
+        if motion.ndim != 3 or motion.shape[0] != g * g or motion.dtype != np.float32:
+            raise UserError(f"{directory / MOTION}: shape {motion.shape} {motion.dtype}, expected "
+                            f"({g * g}, M, 3) float32")
+    return MemoryBank(directory, meta, glob, pixel, meta.get("calibration") or {}, motion)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +17,8 @@ from detector.backbone import FeatureExtractor, build_extractor, resolve_device
 from detector.bank import MemoryBank, open_bank
 from detector.regions import find_regions
 from detector.result import FrameResult
+from detector import framescore
+from detector.motion import FlowExtractor, MotionScorer
 from detector.spade import SpadeOutput, SpadeScorer
 from stream.frame import Frame
 
@@ -40,27 +43,36 @@ def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
     """The metadata a bank must carry to be scored with this config."""
     d = cfg.detector
-    return {
+    sig = {
         "backbone": d.backbone.name,
         "weights_digest": extractor.weights_digest,
         "input_size": d.input_size,
         "grid": d.grid,
         "pixel_dim": extractor.pixel_dim,
     }
+    if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
+        sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
+                         "centres": d.motion.centres}
+    return sig
 
 
-def frame_components(out: SpadeOutput, topq: float) -> dict[str, torch.Tensor]:
-    """Every frame-level statistic the detector can alert on, each [B]."""
-    maps = out.maps.flatten(1)
-    k = max(1, int(round(topq * maps.shape[1])))
-    return {
-        "image_knn": out.image_scores,
-        "map_max": maps.amax(dim=1),
-        "topq": torch.topk(maps, k, dim=1).values.mean(dim=1),
-    }
+def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf) -> dict[str, np.ndarray]:
+    """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore)."""
+    app = out.appearance_maps if out.appearance_maps is not None else out.maps
+    return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold)
+
+
+MOTION_FLOW_FLOOR = 0.25  # flow px/frame: the motion map's normaliser never goes below this
+MAX_FRAME_GAP = 8  # a camera's previous frame further back than this many frames is not used for flow
 
 
 class Detector:
+    """Scores frames against a memory bank.
+
+    Per-camera state (keyed by camera id): the previous frame's grayscale for optical flow and the
+    causal smoothing window of frame scores. Frames of one camera must arrive in capture order.
+    """
+
     def __init__(self, cfg: AppConfig, extractor: FeatureExtractor, bank: MemoryBank | None, device: torch.device):
         self.cfg = cfg
         self.dcfg = cfg.detector
@@ -68,11 +80,23 @@ class Detector:
         self.device = device
         self.bank = bank
         self.scorer = None
+        d = self.dcfg
+        self.flow = FlowExtractor(d.motion.flow_size, d.grid, d.motion.preset) if d.motion.enabled else None
+        self.motion_scorer = None
         if bank is not None:
-            d = self.dcfg
             self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
-                                      sigma=d.sigma, input_size=d.input_size, device=device)
+                                      sigma=d.sigma, input_size=d.input_size, device=device,
+                                      spatial_window=d.spatial_window)
+            if d.motion.enabled:
+                if bank.motion_model is None:
+                    raise UserError(f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
+                                    "(fit it again with this config)")
+                self.motion_scorer = MotionScorer(bank.motion_model, d.grid, device)
         self._pin = device.type == "cuda"
+        self._lock = threading.Lock()
+        self._prev: dict[str, tuple[int, np.ndarray]] = {}  # camera -> (frame index, flow gray)
+        self._smoother = framescore.CausalSmoother(d.smooth_window)
+        self._frame_cal: dict | None = None
 
     # construction -------------------------------------------------------------------------------
     @staticmethod
@@ -86,7 +110,26 @@ class Detector:
     def load(cls, cfg: AppConfig, bank_dir: str | Path) -> "Detector":
         extractor, device = cls.build_extractor(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
-        return cls(cfg, extractor, bank, device)
+        det = cls(cfg, extractor, bank, device)
+        from detector.fit import scoring_settings  # fit imports this module
+
+        fitted = bank.calibration.get("scoring")
+        if fitted is not None and fitted != scoring_settings(cfg):
+            now = scoring_settings(cfg)
+            diff = {k: (fitted.get(k), now[k]) for k in now if fitted.get(k) != now[k]}
+            log.warning("%s: thresholds were calibrated with other scoring settings %s (fitted, now): "
+                        "fit the bank again with this config for calibrated thresholds", bank_dir, diff)
+        det.frame_calibration()  # fail now, not on the first frame, if the frame score cannot be calibrated
+        return det
+
+    def reset(self, camera_id: str | None = None) -> None:
+        """Forget the previous frame and smoothing window of one camera (None: of all cameras)."""
+        with self._lock:
+            if camera_id is None:
+                self._prev.clear()
+            else:
+                self._prev.pop(camera_id, None)
+            self._smoother.reset(camera_id)
 
     # thresholds ---------------------------------------------------------------------------------
     @property
@@ -99,12 +142,49 @@ class Detector:
             return float(self.cfg.regions.threshold)
         return float(self.calibration.get("pixel_threshold", math.inf))
 
+    def component_stats(self) -> dict[str, dict]:
+        """Held-out normal statistics of every component (from the stored sequences when present)."""
+        cal = self.calibration
+        seqs = cal.get("holdout_components")
+        if seqs:
+            return {k: framescore.stats_of(np.asarray(v)) for k, v in seqs.items() if len(v)}
+        return dict(cal.get("frame", {}))
+
+    def frame_calibration(self) -> dict:
+        """Statistics and threshold of the configured frame score (after smoothing) on held-out frames.
+
+        Computed from the held-out component sequences stored in the bank, so the threshold always
+        belongs to the frame score, combination and smoothing in force now.
+        """
+        if self._frame_cal is not None:
+            return self._frame_cal
+        cal = self.calibration
+        seqs = cal.get("holdout_components")
+        name = self.dcfg.frame_score
+        if seqs:
+            comps = {k: np.asarray(v, dtype=np.float64) for k, v in seqs.items()}
+            if name != "combined" and name not in comps:
+                raise UserError(f"{self.bank.directory}: frame_score {name!r} was not calibrated in this bank "
+                                "(fit it again with this config)")
+            raw = self.frame_scores(comps)
+            items = np.asarray(cal.get("holdout_items", [0] * len(raw)))
+            seq = framescore.causal_mean(raw, self.dcfg.smooth_window, items)
+            res = framescore.stats_of(seq)
+            res["threshold"] = framescore.tail_threshold(seq, cal["target_false_alarms_per_hour"], cal["fps"])
+        else:  # version-1 bank: per-component statistics only
+            if name == "combined":
+                self.frame_scores({k: np.zeros(1) for k in self.dcfg.combine})  # raises if uncalibrated
+            res = dict(cal.get("frame", {}).get(name, {}))
+        self._frame_cal = res
+        return res
+
     @property
     def frame_threshold(self) -> float:
         if self.cfg.alerts.enter_threshold is not None:
             return float(self.cfg.alerts.enter_threshold)
-        stats = self.calibration.get("frame", {}).get(self.dcfg.frame_score)
-        return float(stats["threshold"]) if stats else math.inf
+        if not self.calibration:
+            return math.inf
+        return float(self.frame_calibration().get("threshold", math.inf))
 
     # inference ----------------------------------------------------------------------------------
     def to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
@@ -117,34 +197,111 @@ class Detector:
     def features(self, batch_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return self.extractor(self.to_device(batch_u8))
 
+    def motion_features(self, batch_u8: np.ndarray, camera_ids: Sequence[str] | str = "default",
+                        prev_u8: Sequence[np.ndarray | None] | None = None,
+                        indices: Sequence[int] | None = None) -> np.ndarray | None:
+        """float32 [B, g, g, 3] flow cell features of resized frames; None when motion is off.
+
+        With `prev_u8` (resized previous frames, None entries for "no previous frame") the camera state
+        is neither read nor updated: offline readers that sample every N-th frame pass the true t-1.
+        Otherwise each frame's previous frame is its camera's last frame seen (frames in capture order);
+        `indices` (frame indices) let a gap of a few dropped frames be bridged by scaling the flow.
+        """
+        if self.flow is None:
+            return None
+        b = len(batch_u8)
+        cams = [camera_ids] * b if isinstance(camera_ids, str) else list(camera_ids)
+        out = np.empty((b, self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+        for i in range(b):
+            gray = self.flow.gray(batch_u8[i])
+            if prev_u8 is not None:
+                p = prev_u8[i]
+                out[i] = self.flow(None if p is None else self.flow.gray(p), gray)
+                continue
+            idx = None if indices is None else int(indices[i])
+            with self._lock:
+                prev = self._prev.get(cams[i])
+                self._prev[cams[i]] = (idx, gray)
+            gap = 1
+            if prev is not None and idx is not None and prev[0] is not None:
+                gap = idx - prev[0]
+                if gap < 1 or gap > MAX_FRAME_GAP:  # a restart or a long drop: no usable previous frame
+                    prev = None
+            out[i] = self.flow(None if prev is None else prev[1], gray)
+            if gap > 1:
+                out[i] /= gap
+        return out
+
+    def combine_maps(self, app: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
+        """The final pixel map: appearance, plus the motion map when both are normalised on held-out frames.
+
+        Each map is scaled so that its held-out normal `pixel_quantile` is 1 (appearance also shifted by
+        its held-out mean), then they are added with weight `motion.weight`.
+        """
+        norm = self.calibration.get("pixel_norm")
+        w = self.dcfg.motion.weight
+        if motion is None or w == 0 or not norm:
+            return app
+        a, m = norm["appearance"], norm["motion"]
+        an = (app - a["mean"]) / max(a["q"] - a["mean"], 1e-6)
+        return an + w * motion / max(m["q"], MOTION_FLOW_FLOOR)
+
     @torch.inference_mode()
-    def score_tensors(self, pyramid: torch.Tensor, glob: torch.Tensor) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
+    def score_tensors(self, pyramid: torch.Tensor, glob: torch.Tensor,
+                      motion: np.ndarray | None = None) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
         if self.scorer is None:
             raise RuntimeError("detector has no memory bank")
         out = self.scorer.score(pyramid, glob)
-        comps = {k: v.float().cpu().numpy() for k, v in frame_components(out, self.dcfg.topq).items()}
+        if self.motion_scorer is not None:
+            if motion is None:
+                motion = np.zeros((pyramid.shape[0], self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+            mmaps = self.scorer.upsample(self.motion_scorer.score(motion))
+            final = self.combine_maps(out.maps, mmaps)
+            out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=mmaps)
+        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold)
         return out, comps
 
     def frame_scores(self, comps: dict[str, np.ndarray]) -> np.ndarray:
-        """The configured frame score; 'combined' averages the calibrated z-scores of the map statistics."""
+        """The configured frame score (before smoothing); 'combined' is the mean held-out z-score of
+        the components listed in detector.combine."""
         name = self.dcfg.frame_score
         if name == "combined":
-            stats = self.calibration.get("frame", {})
-            parts = [(comps[k] - stats[k]["mean"]) / stats[k]["std"] for k in ("map_max", "topq") if k in stats]
-            if not parts:
-                raise UserError(f"{self.bank.directory}: frame_score 'combined' needs a calibrated bank (bank.holdout > 0)")
-            return np.mean(parts, axis=0)
-        if name == "regions":
-            raise UserError("detector.frame_score: 'regions' is not available in this version")
+            try:
+                return framescore.combine(comps, list(self.dcfg.combine), self.component_stats())
+            except KeyError as err:
+                where = self.bank.directory if self.bank is not None else "detector"
+                raise UserError(f"{where}: frame_score 'combined' needs held-out statistics of {err.args[0]} "
+                                "(fit the bank again with bank.holdout > 0 and this config)") from None
         return comps[name]
 
-    def score_images(self, images: Sequence[np.ndarray]) -> tuple[SpadeOutput, dict[str, np.ndarray], np.ndarray]:
-        pyr, glob = self.features(resize_batch(images, self.dcfg.input_size))
-        out, comps = self.score_tensors(pyr, glob)
-        return out, comps, self.frame_scores(comps)
+    def smooth(self, camera_ids: Sequence[str], scores: np.ndarray) -> np.ndarray:
+        if self.dcfg.smooth_window <= 1:
+            return scores
+        with self._lock:
+            return np.array([self._smoother(c, v) for c, v in zip(camera_ids, scores)])
+
+    def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None):
+        pyr, glob = self.features(small)
+        motion = self.motion_features(small, cams, prev_small, indices)
+        out, comps = self.score_tensors(pyr, glob, motion)
+        return out, comps, self.smooth(cams, self.frame_scores(comps))
+
+    def score_images(self, images: Sequence[np.ndarray], camera_id: str = "default",
+                     prev_images: Sequence[np.ndarray | None] | None = None
+                     ) -> tuple[SpadeOutput, dict[str, np.ndarray], np.ndarray]:
+        """Score consecutive images of one camera, in order. `prev_images`: the true previous frame of
+        each image (for motion when images are not consecutive), else the camera's state is used."""
+        s = self.dcfg.input_size
+        small = resize_batch(images, s)
+        prev_small = None
+        if prev_images is not None and self.flow is not None:
+            prev_small = [None if p is None else resize_batch([p], s)[0] for p in prev_images]
+        return self._score_resized(small, [camera_id] * len(images), prev_small)
 
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:
-        out, comps, scores = self.score_images([f.image for f in frames])
+        small = resize_batch([f.image for f in frames], self.dcfg.input_size)
+        out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
+                                                 indices=[f.index for f in frames])
         return self.results(frames, out, comps, scores)
 
     def results(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],

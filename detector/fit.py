@@ -13,8 +13,12 @@ from tqdm import tqdm
 
 from configs.errors import UserError
 from configs.schema import AppConfig
+import torch
+
+from detector import framescore
 from detector.bank import BankWriter, open_bank, write_meta
 from detector.detector import Detector, bank_signature, resize_batch
+from detector.motion import build_motion_model
 from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices
 
 log = logging.getLogger(__name__)
@@ -98,24 +102,41 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     bank_sets = [set(x) for x in bank_idx]
     hold_sets = [set(x) for x in hold_idx]
     wanted = [b | h for b, h in zip(bank_sets, hold_sets)]
+    use_motion = cfg.detector.motion.enabled
+    if use_motion:  # motion needs each selected frame's true predecessor t-1
+        wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
     holdout: list[np.ndarray] = []
-    batch, origins = [], []
+    hold_prev: list[np.ndarray | None] = []
+    hold_items: list[int] = []
+    motion_feats: list[np.ndarray] = []
+    batch, origins, batch_prev = [], [], []
+    last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, resized frame)
     bs = cfg.detector.batch_size
 
     def flush():
-        pyr, glob = det.features(np.stack(batch))
+        stack = np.stack(batch)
+        pyr, glob = det.features(stack)
         writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
+        if use_motion:
+            motion_feats.append(det.motion_features(stack, prev_u8=list(batch_prev)).astype(np.float16))
         batch.clear()
         origins.clear()
+        batch_prev.clear()
 
     bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
     try:
         for i, f, img in _frames(items, wanted):
             small = resize_batch([img], size)[0]
+            prev = last.get(i)
+            prev_img = prev[1] if prev is not None and prev[0] == f - 1 else None
+            last[i] = (f, small)
             if f in hold_sets[i]:
                 holdout.append(small)
-            else:
+                hold_prev.append(prev_img)
+                hold_items.append(i)
+            elif f in bank_sets[i]:
                 batch.append(small)
+                batch_prev.append(prev_img)
                 origins.append((i, f))
                 if len(batch) >= bs:
                     flush()
@@ -138,13 +159,18 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         count_warnings=warnings,
         fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
     )
-    writer.finish(meta)
+    motion_model = None
+    if use_motion:
+        mc = cfg.detector.motion
+        motion_model = build_motion_model(np.concatenate(motion_feats).astype(np.float32), mc.window, mc.centres)
+        meta["motion"] = signature["motion"]
+    writer.finish(meta, motion_model)
     bank = open_bank(bank_dir)
     meta = bank.meta
     fps = float(np.median([it.fps for it in items])) if items else 25.0
     if holdout:
         det = Detector(cfg, detector_extractor, bank, device)
-        meta["calibration"] = calibrate(det, holdout, fps, cfg)
+        meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev if use_motion else None, hold_items)
     else:
         log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
         meta["calibration"] = {}
@@ -152,49 +178,70 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     return meta
 
 
-def tail_threshold(values: np.ndarray, alarms_per_hour: float, fps: float) -> float:
-    """Frame threshold for a target false-alarm rate, from held-out normal scores.
+tail_threshold = framescore.tail_threshold  # kept here for callers that import it from fit
 
-    A few hundred held-out frames cannot show a 1-in-100,000 event, so the tail is extrapolated with a
-    normal fit: threshold = mean + z * std with P(Z > z) = alarms_per_hour / frames_per_hour. Consecutive
-    frames are correlated and one alert spans many frames, so this errs towards fewer alarms.
+
+def scoring_settings(cfg: AppConfig) -> dict:
+    """Detector settings that change held-out scores: thresholds calibrated under others do not apply."""
+    d = cfg.detector
+    return {"k_image": d.k_image, "k_gallery": d.k_gallery, "kappa": d.kappa, "sigma": d.sigma, "topq": d.topq,
+            "spatial_window": d.spatial_window, "motion_weight": d.motion.weight if d.motion.enabled else None}
+
+
+def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConfig,
+              prev: list[np.ndarray | None] | None = None, items: list[int] | None = None) -> dict:
+    """Score held-out normal frames against the finished bank; store what thresholds need.
+
+    Stores per-component statistics and, since bank format 2, the component values of every held-out
+    frame in time order, so the detector can calibrate any frame score / smoothing when it loads.
     """
-    p = min(0.5, alarms_per_hour / (3600.0 * max(fps, 1e-6)))
-    z = NormalDist().inv_cdf(1.0 - p)
-    mu, sd = float(np.mean(values)), float(np.std(values))
-    return mu + z * max(sd, 1e-12)
-
-
-def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConfig) -> dict:
-    """Score held-out normal frames against the finished bank; store what thresholds need."""
     comps_all: dict[str, list[np.ndarray]] = {}
-    pix = []
+    app_px, mot_px = [], []
     bs = cfg.detector.batch_size
+    det.bank.calibration = {}
     for s in range(0, len(holdout), bs):
-        pyr, glob = det.features(np.stack(holdout[s:s + bs]))
-        out, comps = det.score_tensors(pyr, glob)
+        stack = np.stack(holdout[s:s + bs])
+        pyr, glob = det.features(stack)
+        motion = det.motion_features(stack, prev_u8=prev[s:s + bs]) if prev is not None else None
+        out, comps = det.score_tensors(pyr, glob, motion)
         for k, v in comps.items():
             comps_all.setdefault(k, []).append(v)
-        pix.append(out.maps[:, ::4, ::4].float().cpu().numpy().ravel())
+        app = out.appearance_maps if out.appearance_maps is not None else out.maps
+        app_px.append(app[:, ::4, ::4].float().cpu().numpy())
+        if out.motion_maps is not None:
+            mot_px.append(out.motion_maps[:, ::4, ::4].float().cpu().numpy())
+    q = cfg.bank.pixel_quantile
+    app_maps = np.concatenate(app_px)
+    norm = None
+    final = app_maps
+    if mot_px:
+        mot_maps = np.concatenate(mot_px)
+        norm = {"appearance": {"mean": float(app_maps.mean()), "q": float(np.quantile(app_maps, q))},
+                "motion": {"mean": float(mot_maps.mean()), "q": float(np.quantile(mot_maps, q))}}
+        det.bank.calibration = {"pixel_norm": norm}
+        final = det.combine_maps(torch.from_numpy(app_maps), torch.from_numpy(mot_maps)).numpy()
+    pixel_threshold = float(np.quantile(final, q))
+    seqs = {k: np.concatenate(v).astype(np.float64) for k, v in comps_all.items()}
+    seqs["regions"] = framescore.region_scores(final, pixel_threshold, stride=1)
     rate = cfg.bank.target_false_alarms_per_hour
     frame = {}
-    for k, parts in comps_all.items():
-        v = np.concatenate(parts).astype(np.float64)
-        frame[k] = {"mean": float(v.mean()), "std": float(max(v.std(), 1e-12)), "max": float(v.max()),
-                    "q99": float(np.quantile(v, 0.99)), "threshold": tail_threshold(v, rate, fps)}
-    zs = [(np.concatenate(comps_all[k]) - frame[k]["mean"]) / frame[k]["std"] for k in ("map_max", "topq")]
-    comb = np.mean(zs, axis=0)
-    frame["combined"] = {"mean": float(comb.mean()), "std": float(max(comb.std(), 1e-12)),
-                         "max": float(comb.max()), "q99": float(np.quantile(comb, 0.99)),
-                         "threshold": tail_threshold(comb, rate, fps)}
-    pixels = np.concatenate(pix)
-    q = cfg.bank.pixel_quantile
-    return {
+    for k, v in seqs.items():
+        frame[k] = framescore.stats_of(v) | {"threshold": tail_threshold(v, rate, fps)}
+    comb = framescore.combine(seqs, list(cfg.detector.combine), frame)
+    frame["combined"] = framescore.stats_of(comb) | {"threshold": tail_threshold(comb, rate, fps)}
+    cal = {
         "n_holdout": len(holdout),
         "fps": fps,
         "target_false_alarms_per_hour": rate,
         "pixel_quantile": q,
-        "pixel_threshold": float(np.quantile(pixels, q)),
-        "pixel_stats": {"mean": float(pixels.mean()), "std": float(pixels.std()), "max": float(pixels.max())},
+        "pixel_threshold": pixel_threshold,
+        "pixel_stats": {"mean": float(final.mean()), "std": float(final.std()), "max": float(final.max())},
         "frame": frame,
+        "holdout_items": [int(i) for i in (items if items is not None else [0] * len(holdout))],
+        "holdout_components": {k: [round(float(x), 6) for x in v] for k, v in seqs.items()},
     }
+    if norm is not None:
+        cal["pixel_norm"] = norm
+    cal["scoring"] = scoring_settings(cfg)
+    det.bank.calibration = cal
+    return cal

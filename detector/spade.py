@@ -60,14 +60,24 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class SpadeOutput:
     image_scores: torch.Tensor  # [B] mean squared distance to the k_image nearest frames
     neighbours: torch.Tensor  # [B, max(k_image, k_gallery)] bank indices, nearest first
-    maps: torch.Tensor  # [B, S, S] float32 anomaly maps at the input resolution
+    maps: torch.Tensor  # [B, S, S] float32 anomaly maps at the input resolution (the final pixel map)
+    appearance_maps: torch.Tensor | None = None  # [B, S, S] SPADE's map when `maps` also holds motion
+    motion_maps: torch.Tensor | None = None  # [B, S, S] distance to normal flow here (flow px / frame)
+
+
+def window_mask(grid: int, radius: int, device) -> torch.Tensor:
+    """bool [g*g, g*g]: True where two cells are at most `radius` cells apart (Chebyshev distance)."""
+    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    y, x = yy.reshape(-1), xx.reshape(-1)
+    near = ((y[:, None] - y[None, :]).abs() <= radius) & ((x[:, None] - x[None, :]).abs() <= radius)
+    return near.to(device)
 
 
 class SpadeScorer:
     """Holds the bank's global features on the device; pixel features stay memory-mapped on disk."""
 
     def __init__(self, bank: MemoryBank, *, k_image: int, k_gallery: int, kappa: int, sigma: float,
-                 input_size: int, device: torch.device):
+                 input_size: int, device: torch.device, spatial_window: int | None = None):
         n = bank.n_frames
         self.bank = bank
         self.k_image = min(k_image, n)
@@ -79,6 +89,8 @@ class SpadeScorer:
         self.grid = int(bank.meta["grid"])
         self.global_feats = torch.from_numpy(bank.global_features).to(device)
         self.global_sqnorm = self.global_feats.pow(2).sum(-1)
+        # Position awareness for fixed cameras: a cell may only match gallery cells near its own position.
+        self.spatial_window = spatial_window
 
     def nearest_frames(self, glob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances [B, k], indices [B, k]) of the k nearest bank frames, nearest first."""
@@ -96,6 +108,8 @@ class SpadeScorer:
 
     def pixel_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest gallery features."""
+        if self.spatial_window is not None:
+            return self.windowed_distances(pyramid, neighbours)
         b, c, g, _ = pyramid.shape
         q = pyramid.float().flatten(2).transpose(1, 2)  # [B, g*g, C]
         feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
@@ -111,6 +125,31 @@ class SpadeScorer:
             best = torch.topk(d2, self.kappa, dim=-1, largest=False).values
             dist = best.sqrt().mean(-1)
         return dist.reshape(b, g, g)
+
+    def windowed_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Position-aware SPADE: each cell only matches gallery cells within `spatial_window` cells of
+        its own position. One shifted copy of the gallery per offset: (2r+1)^2 * k_gallery candidates per
+        cell instead of k_gallery * grid^2, so it is also far cheaper than the global correspondence."""
+        b, c, g, _ = pyramid.shape
+        r = self.spatial_window
+        q = pyramid.float().permute(0, 2, 3, 1).contiguous()  # [B, g, g, C]: reductions over contiguous C
+        feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
+        u = feats.shape[0]
+        gal = feats.reshape(u, g, g, c).permute(0, 3, 1, 2)
+        gal = F.pad(gal, (r, r, r, r), value=1e4).permute(0, 2, 3, 1).contiguous()  # outside: never nearest
+        gal_sqn = gal.pow(2).sum(-1)  # [U, g+2r, g+2r]
+        inv = torch.from_numpy(inverse).to(self.device)  # [B, k_gallery]
+        cands = []
+        for j in range(inv.shape[1]):
+            gj, nj = gal[inv[:, j]], gal_sqn[inv[:, j]]
+            for dy in range(2 * r + 1):
+                for dx in range(2 * r + 1):
+                    dot = torch.einsum("bhwc,bhwc->bhw", q, gj[:, dy:dy + g, dx:dx + g])
+                    cands.append(nj[:, dy:dy + g, dx:dx + g] - 2.0 * dot)
+        d2 = (torch.stack(cands, dim=1) + q.pow(2).sum(-1).unsqueeze(1)).clamp_min_(0.0)  # [B, K*(2r+1)^2, g, g]
+        if self.kappa == 1:
+            return d2.amin(dim=1).sqrt()
+        return torch.topk(d2, self.kappa, dim=1, largest=False).values.sqrt().mean(1)
 
     def upsample(self, dist: torch.Tensor) -> torch.Tensor:
         s = self.input_size

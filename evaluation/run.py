@@ -25,13 +25,17 @@ log = logging.getLogger(__name__)
 METRIC_SIZE = 256  # the paper reports pixel metrics at 256x256
 
 
-def _reader(videos: list[TestVideo], every: int, bs: int, out: queue.Queue, stop: threading.Event):
+def _reader(videos: list[TestVideo], every: int, bs: int, out: queue.Queue, stop: threading.Event,
+            with_prev: bool = False):
+    """(video, indices, images, previous images or None). With `with_prev` each frame's true
+    predecessor t-1 is read too (motion when sampling every N-th frame)."""
     try:
         for v in videos:
             idx = list(range(0, len(v.frames), every))
             for s in range(0, len(idx), bs):
                 chunk = idx[s:s + bs]
-                item = (v.name, chunk, [read_image(v.frames[i]) for i in chunk])
+                prev = [read_image(v.frames[i - 1]) if i > 0 else None for i in chunk] if with_prev else None
+                item = (v.name, chunk, [read_image(v.frames[i]) for i in chunk], prev)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.2)
@@ -62,6 +66,30 @@ def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
     raise ValueError(f"unknown smoothing {mode!r}")
 
 
+def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: float, fps: float,
+                     every: int = 1) -> dict:
+    """Alerts per hour of normal footage: rising edges of score >= thr inside normal stretches
+    (maximal runs of label 0 within a video), over their duration at the source fps."""
+    edges, frames = 0, 0
+    for s, lab in zip(scores, labels):
+        normal = lab == 0
+        i = 0
+        while i < len(lab):
+            if not normal[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(lab) and normal[j]:
+                j += 1
+            a = s[i:j] >= thr
+            edges += int(a[0]) + int(np.count_nonzero(a[1:] & ~a[:-1]))
+            frames += j - i
+            i = j
+    hours = frames * every / max(fps, 1e-6) / 3600.0
+    return {"false_alarms": edges, "normal_hours": hours,
+            "false_alarms_per_hour": edges / hours if hours > 0 else float("nan")}
+
+
 def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: str | Path, every: int = 1,
              smoothing: str = "none", window: int = 1, progress: bool = True, plots: bool = True) -> dict:
     out_dir = Path(out_dir)
@@ -76,7 +104,9 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     masks_cache: dict[str, np.ndarray | None] = {}
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    t = threading.Thread(target=_reader, args=(videos, every, cfg.detector.batch_size, q, stop), daemon=True)
+    with_prev = cfg.detector.motion.enabled and every > 1
+    t = threading.Thread(target=_reader, args=(videos, every, cfg.detector.batch_size, q, stop, with_prev),
+                         daemon=True)
     t.start()
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="eval", unit="frame", disable=not progress, dynamic_ncols=True)
@@ -87,8 +117,9 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
                 break
             if isinstance(item, BaseException):
                 raise item
-            name, idx, images = item
-            out, comps, scores = det.score_images(images)
+            name, idx, images, prev = item
+            # One camera id per video: motion state and live smoothing never cross videos.
+            out, comps, scores = det.score_images(images, camera_id=f"eval-{name}", prev_images=prev)
             rec = per_video[name]
             rec["scores"].append(scores)
             rec["idx"].extend(idx)
@@ -131,12 +162,16 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
             "frame_auroc": auroc(lab, s), "pixel_auroc": pix_video[v.name].value(),
             "frame_indices": idx.tolist(), "scores": [round(float(x), 6) for x in s],
             "labels": lab.astype(int).tolist(),
+            "components": {k: [round(float(x), 5) for x in np.concatenate(parts)] for k, parts in rec["comps"].items()},
         }
     labels = np.concatenate(labels_all)
     scores = np.concatenate(scores_all)
     macro = [r["frame_auroc"] for r in videos_out.values() if not math.isnan(r["frame_auroc"])]
     thr = det.frame_threshold
     alarm = scores >= thr
+    fps_src = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
+    fa = false_alarm_rate([np.asarray(r["scores"]) for r in videos_out.values()],
+                          [np.asarray(r["labels"]) for r in videos_out.values()], thr, fps_src, every)
     metrics = {
         "frame_auroc_micro": auroc(labels, scores),
         "frame_auroc_macro": float(np.mean(macro)) if macro else float("nan"),
@@ -153,6 +188,7 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
         "at_threshold": {
             "recall": float(alarm[labels == 1].mean()) if labels.any() else float("nan"),
             "false_positive_rate": float(alarm[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+            **fa,
         },
         "pixel_threshold": det.pixel_threshold,
         "fps": total / elapsed if elapsed > 0 else float("nan"),

@@ -1,0 +1,123 @@
+"""Motion evidence: dense optical flow pooled to the feature grid, matched against normal flow *here*.
+
+Appearance alone cannot tell a cyclist from a pedestrian, or someone walking the wrong way from someone
+walking the right way. For a fixed camera, what moves where, how fast and in which direction is itself a
+normal model:
+
+* flow: OpenCV DIS between the previous and the current frame, both resized to `flow_size^2` grayscale
+  (the same square resampling as the backbone input, so cells line up with the feature grid);
+* per-cell feature: mean flow (dx, dy) and mean flow magnitude over the cell, in flow pixels per frame;
+* normal model: for every cell, the flow features of all bank frames at that cell and at cells within
+  `window` cells (a person may walk a little to the side of where anyone walked before), reduced to a
+  greedy k-centre coreset of `centres` vectors per cell (plus the zero vector: standing still is normal);
+* score: distance from the test cell's flow to the nearest normal vector of its cell.
+
+A frame whose camera has no previous frame yet gets zero flow (scored as static).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MOTION_DIM = 3
+_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+            "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+
+
+def to_gray(img_rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [size, size] grayscale of an RGB uint8 image (any size)."""
+    g = cv2.cvtColor(img_rgb, cv2.COLOR_RGB2GRAY)
+    h, w = g.shape
+    if (h, w) != (size, size):
+        interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+        g = cv2.resize(g, (size, size), interpolation=interp)
+    return np.ascontiguousarray(g)
+
+
+class FlowExtractor:
+    """Previous gray frame + current gray frame -> float32 [grid, grid, 3] cell features."""
+
+    def __init__(self, flow_size: int, grid: int, preset: str = "fast"):
+        self.flow_size, self.grid = flow_size, grid
+        self.dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
+
+    def gray(self, img_rgb: np.ndarray) -> np.ndarray:
+        return to_gray(img_rgb, self.flow_size)
+
+    def flow(self, prev_gray: np.ndarray, gray: np.ndarray) -> np.ndarray:
+        return self.dis.calc(prev_gray, gray, None)
+
+    def cells(self, flow: np.ndarray) -> np.ndarray:
+        mag = np.sqrt((flow ** 2).sum(-1, keepdims=True))
+        stack = np.concatenate([flow, mag], axis=-1).astype(np.float32)
+        g = self.grid
+        interp = cv2.INTER_AREA if self.flow_size >= g else cv2.INTER_LINEAR
+        return cv2.resize(stack, (g, g), interpolation=interp).reshape(g, g, MOTION_DIM)
+
+    def __call__(self, prev_gray: np.ndarray | None, gray: np.ndarray) -> np.ndarray:
+        if prev_gray is None:
+            return np.zeros((self.grid, self.grid, MOTION_DIM), np.float32)
+        return self.cells(self.flow(prev_gray, gray))
+
+
+def window_candidates(feats: torch.Tensor, window: int) -> torch.Tensor:
+    """[N, g, g, D] -> [g*g, N * (2w+1)^2, D]: every cell's own and neighbouring cells' features.
+
+    Cells outside the grid are replaced by the nearest border cell (replicate padding).
+    """
+    n, g, _, d = feats.shape
+    k = 2 * window + 1
+    x = feats.permute(0, 3, 1, 2)  # [N, D, g, g]
+    if window > 0:
+        x = F.pad(x, (window, window, window, window), mode="replicate")
+    cols = F.unfold(x, kernel_size=k)  # [N, D*k*k, g*g]
+    cols = cols.view(n, d, k * k, g * g).permute(3, 0, 2, 1)  # [g*g, N, k*k, D]
+    return cols.reshape(g * g, n * k * k, d)
+
+
+def kcenter(points: torch.Tensor, m: int, chunk: int = 64) -> torch.Tensor:
+    """Greedy k-centre coreset per cell: [G, P, D] -> [G, m, D], the zero vector first.
+
+    Each step adds the point farthest from the chosen centres, so the coreset covers the whole support
+    of normal flow at the cell (covering radius at most twice the optimum).
+    """
+    g, p, d = points.shape
+    out = torch.zeros(g, m, d, dtype=points.dtype)
+    for s in range(0, g, chunk):
+        x = points[s:s + chunk]
+        mind = x.pow(2).sum(-1)  # distance to the zero centre
+        rows = torch.arange(x.shape[0])
+        for j in range(1, m):
+            far = mind.argmax(dim=1)
+            c = x[rows, far]  # [c, D]
+            out[s:s + chunk, j] = c
+            mind = torch.minimum(mind, (x - c[:, None, :]).pow(2).sum(-1))
+    return out
+
+
+def build_motion_model(feats: np.ndarray, window: int, centres: int) -> np.ndarray:
+    """Normal flow features of the bank frames [N, g, g, D] -> per-cell coreset float32 [g*g, m, D]."""
+    t = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+    cand = window_candidates(t, window)
+    m = min(centres + 1, cand.shape[1] + 1)
+    return kcenter(cand, m).numpy()
+
+
+class MotionScorer:
+    """Distance of each cell's flow feature to the nearest normal flow vector of that cell."""
+
+    def __init__(self, model: np.ndarray, grid: int, device: torch.device):
+        self.grid = grid
+        self.model = torch.from_numpy(np.ascontiguousarray(model, dtype=np.float32)).to(device)  # [G, m, D]
+        self.device = device
+
+    def score(self, feats: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, g, g, D] -> [B, g, g] distances (flow pixels per frame)."""
+        q = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
+        b, g = q.shape[0], self.grid
+        q = q.reshape(b, g * g, MOTION_DIM)
+        m = self.model
+        d2 = q.pow(2).sum(-1, keepdim=True) + m.pow(2).sum(-1).unsqueeze(0) - 2 * torch.einsum("bgd,gmd->bgm", q, m)
+        return d2.amin(-1).clamp_min(0).sqrt().reshape(b, g, g)
