@@ -188,6 +188,7 @@ class FeatureExtractor(nn.Module):
         self.name = cfg.name
         self.spec = SPECS[cfg.name]
         self.grid = grid
+        self.precision = "fp32"  # set by build_extractor
         self.weights_digest, self.weights_origin = self._init_weights(cfg)
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -236,8 +237,7 @@ class FeatureExtractor(nn.Module):
         """uint8 [B, S, S, 3] -> (pyramid float32 [B, C, grid, grid], global float32 [B, D])."""
         x = images_u8.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        use_bf16 = x.device.type == "cuda"
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             taps, last = self.trunk(x)
         g = self.grid
         levels = []
@@ -254,8 +254,22 @@ class FeatureExtractor(nn.Module):
         return pyramid, glob
 
 
-def build_extractor(cfg: BackboneConfig, grid: int, device: torch.device) -> FeatureExtractor:
-    return FeatureExtractor(cfg, grid).to(device).to(memory_format=torch.channels_last)
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def build_extractor(cfg: BackboneConfig, grid: int, device: torch.device, precision: str = "fp32") -> FeatureExtractor:
+    fe = FeatureExtractor(cfg, grid).to(device).to(memory_format=torch.channels_last)
+    fe.precision = resolve_precision(precision, device)
+    return fe
 
 
 def resolve_device(name: str) -> torch.device:

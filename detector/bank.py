@@ -34,6 +34,8 @@ META = "meta.json"
 GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
 FAISS = "global.faiss"
+# Values implied for metadata keys that banks written before the key existed do not carry.
+LEGACY_DEFAULTS = {"precision": "fp32"}
 MOTION = "motion.npy"
 
 
@@ -180,7 +182,7 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
     directory = Path(directory)
     meta = read_meta(directory)
     for key, want in (expected or {}).items():
-        have = meta.get(key)
+        have = meta.get(key, LEGACY_DEFAULTS.get(key))
         if have != want:
             raise UserError(
                 f"{directory}: bank was built with {key}={have!r} but the config gives {key}={want!r}; "

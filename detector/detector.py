@@ -49,6 +49,7 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
         "input_size": d.input_size,
         "grid": d.grid,
         "pixel_dim": extractor.pixel_dim,
+        "precision": extractor.precision,
     }
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
         sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
@@ -104,7 +105,7 @@ class Detector:
         device = resolve_device(cfg.detector.device)
         if cfg.detector.threads:
             torch.set_num_threads(cfg.detector.threads)
-        return build_extractor(cfg.detector.backbone, cfg.detector.grid, device), device
+        return build_extractor(cfg.detector.backbone, cfg.detector.grid, device, cfg.detector.precision), device
 
     @classmethod
     def load(cls, cfg: AppConfig, bank_dir: str | Path) -> "Detector":

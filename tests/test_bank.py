@@ -128,3 +128,13 @@ def test_missing_or_foreign_bank(tmp_path):
     (tmp_path / "old" / "meta.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(UserError, match="format_version is 99"):
         open_bank(tmp_path / "old")
+
+
+def test_precision_mismatch_is_refused(tmp_path, videos):
+    fit_bank(small_cfg(precision="fp32"), videos, tmp_path / "bank", progress=False)
+    with pytest.raises(UserError, match="precision='fp32' but the config gives precision='bf16'"):
+        Detector.load(small_cfg(precision="bf16"), tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    del meta["precision"]  # a bank written before the field existed was fp32
+    (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
+    Detector.load(small_cfg(precision="fp32"), tmp_path / "bank")

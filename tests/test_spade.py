@@ -96,3 +96,15 @@ def test_gallery_reads_only_neighbour_rows(tmp_path, monkeypatch):
     q_glob = torch.from_numpy(np.asarray(bank.global_features[[3, 3]]))
     sc.score(torch.randn(2, 7, 4, 4), q_glob)
     assert len(seen) == 1 and len(seen[0]) == 2  # the union of both frames' two neighbours, read once
+
+
+@pytest.mark.parametrize("g,size,sigma", [(32, 256, 4.0), (8, 64, 4.0), (16, 128, 0.0), (4, 16, 2.0)])
+def test_upsample_operator_equals_interpolate_then_blur(tmp_path, g, size, sigma):
+    import torch.nn.functional as F
+
+    bank, _, _ = make_bank(tmp_path, g=g)
+    sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=1, sigma=sigma, input_size=size, device=torch.device("cpu"))
+    dist = torch.rand(3, g, g, generator=torch.Generator().manual_seed(0)) * 5
+    want = F.interpolate(dist.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    want = gaussian_blur(want, sigma)
+    np.testing.assert_allclose(sc.upsample(dist).numpy(), want.numpy(), rtol=1e-4, atol=1e-5)

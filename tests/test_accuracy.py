@@ -1,0 +1,58 @@
+"""Accuracy of the default configuration on the generated STC-layout set (and Avenue when present)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import configs
+from detector.fit import fit_bank
+from evaluation.run import evaluate
+from stream.synthetic import generate_stc
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stc")
+    generate_stc(root, seed=0)
+    return root
+
+
+def test_default_config_on_synthetic_set(synthetic, tmp_path):
+    cfg = configs.load("default")
+    fit_bank(cfg, synthetic, tmp_path / "bank", progress=False)
+    m = evaluate(cfg, synthetic, tmp_path / "bank", tmp_path / "eval", progress=False)
+    assert m["n_frames"] == 360
+    assert m["pixel_auroc"] >= 0.95, m
+    assert m["frame_auroc_micro"] >= 0.90, m
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["frame_auroc_micro"] == pytest.approx(m["frame_auroc_micro"])
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
+    assert len(list((tmp_path / "eval" / "videos").glob("*.png"))) == 3
+
+
+def test_cli_fit_and_eval_every_5(synthetic, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "run_stream.py"), *map(str, a), "--quiet"],
+                                    capture_output=True, text=True, timeout=900)
+    r = run("fit", "--config", "default", "--data", synthetic, "--bank", tmp_path / "bank")
+    assert r.returncode == 0, r.stderr
+    r = run("eval", "--config", "default", "--data", synthetic, "--bank", tmp_path / "bank",
+            "--out", tmp_path / "eval", "--every", "5")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["n_frames"] == 3 * 24 and m["every"] == 5
+    for k in ("frame_auroc_micro", "frame_auroc_macro", "pixel_auroc"):
+        assert 0.5 < m[k] <= 1.0
+
+
+def test_default_config_on_avenue(avenue_root, tmp_path):
+    cfg = configs.load("default")
+    fit_bank(cfg, avenue_root, tmp_path / "bank", progress=False)
+    m = evaluate(cfg, avenue_root, tmp_path / "bank", tmp_path / "eval", every=5, progress=False, plots=False)
+    assert m["n_frames"] == sum(len(range(0, n, 5)) for n in (36, 426, 294, 248, 273, 76))
+    # a sanity floor on real footage; the recorded figures live in benchmarks/RESULTS.md
+    assert m["pixel_auroc"] > 0.9 and m["frame_auroc_micro"] > 0.6, m
