@@ -49,7 +49,8 @@ class DetectorConfig(Section):
     k_gallery: int = Field(1, ge=1, description="neighbour frames whose pixels form the gallery")
     kappa: int = Field(1, ge=1, description="nearest gallery features averaged per pixel")
     sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
-    frame_score: FrameScore = "image_knn"
+    # map_max: SPADE's image-kNN score ranks real surveillance frames poorly (benchmarks/RESULTS.md)
+    frame_score: FrameScore = "map_max"
     topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
     # 'combined': the mean of these components, each as a z-score against held-out normal frames.
     combine: list[Component] = Field(default_factory=lambda: ["map_max", "topq"], min_length=1)

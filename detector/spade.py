@@ -130,13 +130,16 @@ class SpadeScorer:
         inv = torch.from_numpy(inverse).to(self.device)
         gal = feats[inv].reshape(b, -1, c)  # [B, k_gallery*g*g, C]
         gal_sqn = sqn[inv].reshape(b, -1)
-        d2 = squared_distances(q, gal, gal_sqn)
+        # |q|^2 is the same for every candidate of a cell, so the nearest candidates are found on
+        # |r|^2 - 2 q.r alone (one fused GEMM with the norms as bias) and |q|^2 is added to the kappa
+        # winners only: the [cells x candidates] matrix is written once and read once.
+        partial = torch.baddbmm(gal_sqn.unsqueeze(1), q, gal.transpose(1, 2), alpha=-2.0)
         if self.kappa == 1:
-            best = d2.amin(dim=-1)
-            dist = best.sqrt()
+            best = partial.amin(dim=-1)
         else:
-            best = torch.topk(d2, self.kappa, dim=-1, largest=False).values
-            dist = best.sqrt().mean(-1)
+            best = torch.topk(partial, self.kappa, dim=-1, largest=False).values
+        d2 = (best + q.pow(2).sum(-1).view(b, -1, *([1] if self.kappa > 1 else []))).clamp_min_(0.0)
+        dist = d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
         return dist.reshape(b, g, g)
 
     def windowed_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
