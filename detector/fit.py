@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from pathlib import Path
-from statistics import NormalDist
 from typing import Iterator
 
 import numpy as np
@@ -19,12 +16,10 @@ from detector import framescore
 from detector.bank import BankWriter, open_bank, write_meta
 from detector.detector import Detector, bank_signature, resize_batch
 from detector.motion import build_motion_model
+from stream.prefetch import prefetch
 from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices
 
 log = logging.getLogger(__name__)
-
-_DONE = object()
-
 
 def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
     """Hold out the last `fraction` of each item's selected frames, as one contiguous stretch.
@@ -45,42 +40,15 @@ def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list
     return bank, hold
 
 
-def _decode_worker(items: list[FootageItem], wanted: list[set[int]], out: queue.Queue, stop: threading.Event):
-    try:
-        for i, (item, w) in enumerate(zip(items, wanted)):
-            if not w:
-                continue
-            for f, img in iter_frames(item, w):
-                while not stop.is_set():
-                    try:
-                        out.put((i, f, img), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        out.put(_DONE)
-    except BaseException as err:  # handed to the consumer, which re-raises it in the main thread
-        out.put(err)
-
-
 def _frames(items: list[FootageItem], wanted: list[set[int]]) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Decode in a thread so decoding overlaps feature extraction."""
-    q: queue.Queue = queue.Queue(maxsize=64)
-    stop = threading.Event()
-    t = threading.Thread(target=_decode_worker, args=(items, wanted, q, stop), daemon=True, name="fit-decode")
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _DONE:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    """(item index, frame index, image) of the wanted frames, decoded ahead in a thread."""
+    def produce():
+        for i, (item, w) in enumerate(zip(items, wanted)):
+            if w:
+                for f, img in iter_frames(item, w):
+                    yield i, f, img
+
+    return prefetch(produce, maxsize=64, name="fit-decode")
 
 
 def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: bool = True) -> dict:

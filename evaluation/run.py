@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -16,37 +14,25 @@ from tqdm import tqdm
 
 from configs.schema import AppConfig
 from detector.detector import Detector
-from evaluation.metrics import PixelAuroc, auroc, frame_curve
+from evaluation.metrics import PixelAuroc, auroc
 from evaluation.stc import TestVideo, load_test_set
 from stream.footage import read_image
+from stream.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
 METRIC_SIZE = 256  # the paper reports pixel metrics at 256x256
 
 
-def _reader(videos: list[TestVideo], every: int, bs: int, out: queue.Queue, stop: threading.Event,
-            with_prev: bool = False):
+def _batches(videos: list[TestVideo], every: int, bs: int, with_prev: bool = False):
     """(video, indices, images, previous images or None). With `with_prev` each frame's true
     predecessor t-1 is read too (motion when sampling every N-th frame)."""
-    try:
-        for v in videos:
-            idx = list(range(0, len(v.frames), every))
-            for s in range(0, len(idx), bs):
-                chunk = idx[s:s + bs]
-                prev = [read_image(v.frames[i - 1]) if i > 0 else None for i in chunk] if with_prev else None
-                item = (v.name, chunk, [read_image(v.frames[i]) for i in chunk], prev)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-        out.put(None)
-    except BaseException as err:
-        out.put(err)
+    for v in videos:
+        idx = list(range(0, len(v.frames), every))
+        for s in range(0, len(idx), bs):
+            chunk = idx[s:s + bs]
+            prev = [read_image(v.frames[i - 1]) if i > 0 else None for i in chunk] if with_prev else None
+            yield v.name, chunk, [read_image(v.frames[i]) for i in chunk], prev
 
 
 def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
@@ -102,22 +88,13 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     pix_video = {v.name: PixelAuroc() for v in videos}
     by_name = {v.name: v for v in videos}
     masks_cache: dict[str, np.ndarray | None] = {}
-    q: queue.Queue = queue.Queue(maxsize=4)
-    stop = threading.Event()
     with_prev = cfg.detector.motion.enabled and every > 1
-    t = threading.Thread(target=_reader, args=(videos, every, cfg.detector.batch_size, q, stop, with_prev),
-                         daemon=True)
-    t.start()
+    batches = prefetch(lambda: _batches(videos, every, cfg.detector.batch_size, with_prev), maxsize=4,
+                       name="eval-read")
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="eval", unit="frame", disable=not progress, dynamic_ncols=True)
     try:
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            name, idx, images, prev = item
+        for name, idx, images, prev in batches:
             # One camera id per video: motion state and live smoothing never cross videos.
             out, comps, scores = det.score_images(images, camera_id=f"eval-{name}", prev_images=prev)
             rec = per_video[name]
@@ -140,7 +117,7 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
                 pix_video[name].update(maps, gt)
             bar.update(len(idx))
     finally:
-        stop.set()
+        batches.close()
         bar.close()
     elapsed = time.perf_counter() - t0
 

@@ -44,6 +44,16 @@ def add_live_commands(sub, common) -> None:
                    help="NAME=value lines (chmod 600) that *_env config fields may name")
     p.add_argument("--no-progress", action="store_true", help="no live terminal display")
 
+    p = sub.add_parser("synth", help="write the synthetic STC-layout data set (tests, demos, benchmarks)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0, help="activity seed")
+    p.add_argument("--camera", type=int, default=0, help="scene (layout and background) seed")
+    p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT (even numbers)")
+    p.add_argument("--train-videos", type=int, default=2)
+    p.add_argument("--train-frames", type=int, default=240)
+    p.add_argument("--test-videos", type=int, default=3)
+    p.add_argument("--test-frames", type=int, default=120)
+
     p = sub.add_parser("demo", help="self-contained demo on generated footage (no setup needed)")
     common(p)
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
@@ -184,4 +194,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
-LIVE_HANDLERS = {"run": cmd_run, "demo": cmd_demo}
+def cmd_synth(args) -> int:
+    from stream.synthetic import generate_stc
+
+    try:
+        w, h = (int(x) for x in args.size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
+    try:
+        summary = generate_stc(args.out, seed=args.seed, camera=args.camera, size=(w, h),
+                               train_videos=args.train_videos, train_frames=args.train_frames,
+                               test_videos=args.test_videos, test_frames=args.test_frames)
+    except ValueError as err:
+        raise UserError(f"synth: {err}") from None
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+    return 0
+
+
+LIVE_HANDLERS = {"run": cmd_run, "demo": cmd_demo, "synth": cmd_synth}

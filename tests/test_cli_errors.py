@@ -86,3 +86,12 @@ def test_missing_bank(tmp_path, cfg):
     (root / "testing" / "frames" / "v1").mkdir(parents=True)
     r = run("eval", "--config", cfg, "--data", root, "--bank", tmp_path / "nobank", "--out", tmp_path / "o")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_synth_writes_stc_layout_and_rejects_bad_size(tmp_path):
+    r = run("synth", "--out", tmp_path / "s", "--train-frames", "24", "--test-frames", "24", "--test-videos", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "s" / "testing" / "frames").iterdir())) == 1
+    assert len(list((tmp_path / "s" / "training" / "videos").glob("*.avi"))) == 2
+    r = run("synth", "--out", tmp_path / "t", "--size", "big")
+    assert_one_clear_line(r, "--size")
