@@ -144,9 +144,21 @@ class MemoryBank:
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """float16 [len(indices), grid*grid, C]: reads only these rows from disk."""
         idx = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")
+        if not isinstance(self.pixel_features, np.memmap):  # an in-memory bank (tests, tools)
+            return np.asarray(self.pixel_features[idx], dtype=np.float16)
         out = np.empty((len(idx),) + self.pixel_features.shape[1:], dtype=np.float16)
-        out[order] = self.pixel_features[idx[order]]  # sorted reads are sequential on disk
+        row = out[0].nbytes if len(idx) else 0
+        # Positioned reads rather than slicing the memmap: touched mapped pages would count towards
+        # the process's RSS and accumulate over a long run; read pages stay in the OS cache anyway.
+        fd = os.open(self.directory / PIXEL, os.O_RDONLY)
+        try:
+            for j in np.argsort(idx, kind="stable"):  # ascending offsets: sequential on disk
+                buf = os.pread(fd, row, int(idx[j]) * row)
+                if len(buf) != row:
+                    raise UserError(f"{self.directory / PIXEL}: short read at frame {int(idx[j])} (truncated bank?)")
+                out[j] = np.frombuffer(buf, dtype=np.float16).reshape(out.shape[1:])
+        finally:
+            os.close(fd)
         return out
 
     def verify(self) -> None:

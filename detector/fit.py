@@ -21,6 +21,35 @@ from stream.footage import FootageItem, check_counts, discover, iter_frames, sel
 
 log = logging.getLogger(__name__)
 
+class FrameSpool:
+    """Held-out frames (uint8 [S, S, 3], or None) kept in a temporary file, not in RAM: a 10 % holdout
+    of a 20,000-frame fit is 2,000 frames, and `fit` promises RAM bounded by a batch."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.shape = Path(path), (size, size, 3)
+        self._f = open(self.path, "w+b")
+        self._present: list[bool] = []
+
+    def append(self, img: np.ndarray | None) -> None:
+        self._present.append(img is not None)
+        self._f.write((img if img is not None else np.zeros(self.shape, np.uint8)).tobytes())
+
+    def __len__(self) -> int:
+        return len(self._present)
+
+    def __getitem__(self, sl: slice) -> list:
+        start, stop, _ = sl.indices(len(self))
+        self._f.flush()
+        n = int(np.prod(self.shape))
+        data = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * n, offset=start * n)
+        imgs = data.reshape((stop - start,) + self.shape)
+        return [imgs[k] if self._present[start + k] else None for k in range(stop - start)]
+
+    def close(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
 def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
     """Hold out the last `fraction` of each item's selected frames, as one contiguous stretch.
 
@@ -73,8 +102,8 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     use_motion = cfg.detector.motion.enabled
     if use_motion:  # motion needs each selected frame's true predecessor t-1
         wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
-    holdout: list[np.ndarray] = []
-    hold_prev: list[np.ndarray | None] = []
+    holdout = FrameSpool(bank_dir / "holdout.tmp", size)
+    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if use_motion else None
     hold_items: list[int] = []
     motion_feats: list[np.ndarray] = []
     batch, origins, batch_prev = [], [], []
@@ -100,7 +129,8 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             last[i] = (f, small)
             if f in hold_sets[i]:
                 holdout.append(small)
-                hold_prev.append(prev_img)
+                if hold_prev is not None:
+                    hold_prev.append(prev_img)
                 hold_items.append(i)
             elif f in bank_sets[i]:
                 batch.append(small)
@@ -113,6 +143,9 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             flush()
     except BaseException:
         writer.abort()
+        for spool in (holdout, hold_prev):
+            if spool is not None:
+                spool.close()
         raise
     finally:
         bar.close()
@@ -127,21 +160,26 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         count_warnings=warnings,
         fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
     )
-    motion_model = None
-    if use_motion:
-        mc = cfg.detector.motion
-        motion_model = build_motion_model(np.concatenate(motion_feats).astype(np.float32), mc.window, mc.centres)
-        meta["motion"] = signature["motion"]
-    writer.finish(meta, motion_model)
-    bank = open_bank(bank_dir)
-    meta = bank.meta
-    fps = float(np.median([it.fps for it in items])) if items else 25.0
-    if holdout:
-        det = Detector(cfg, detector_extractor, bank, device)
-        meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev if use_motion else None, hold_items)
-    else:
-        log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
-        meta["calibration"] = {}
+    try:
+        motion_model = None
+        if use_motion:
+            mc = cfg.detector.motion
+            motion_model = build_motion_model(np.concatenate(motion_feats).astype(np.float32), mc.window, mc.centres)
+            meta["motion"] = signature["motion"]
+        writer.finish(meta, motion_model)
+        bank = open_bank(bank_dir)
+        meta = bank.meta
+        fps = float(np.median([it.fps for it in items])) if items else 25.0
+        if holdout:
+            det = Detector(cfg, detector_extractor, bank, device)
+            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev if use_motion else None, hold_items)
+        else:
+            log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
+            meta["calibration"] = {}
+    finally:
+        for spool in (holdout, hold_prev):
+            if spool is not None:
+                spool.close()
     write_meta(bank_dir, meta)
     return meta
 

@@ -48,6 +48,7 @@ def test_fit_round_trip(tmp_path, videos):
     assert meta["n_frames"] == 32 - meta["calibration"]["n_holdout"]
     bank = open_bank(tmp_path / "bank")
     bank.verify()
+    assert not list((tmp_path / "bank").glob("*.tmp")) and not list((tmp_path / "bank").glob("*.part"))
     assert bank.pixel_features.dtype == np.float16
     assert bank.pixel_features.shape == (meta["n_frames"], 64, meta["pixel_dim"])
     assert bank.global_features.shape == (meta["n_frames"], 512)
@@ -74,6 +75,13 @@ def test_fit_with_every_and_max_frames(tmp_path, videos):
     assert meta["n_frames"] == 9
     frames = [tuple(x) for x in meta["frame_origins"]]
     assert all(f % 2 == 0 for _, f in frames)
+
+
+def test_gather_reads_rows_from_disk(tmp_path, videos):
+    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    bank = open_bank(tmp_path / "bank")
+    idx = np.array([5, 0, 5, 3])
+    np.testing.assert_array_equal(bank.gather(idx), np.asarray(bank.pixel_features)[idx])
 
 
 def test_select_indices_even_and_bounded():
