@@ -230,10 +230,7 @@ def main(argv=None) -> int:
         print(f"{r['frames']:8d} {r['bank_frames']:7d} {r['holdout_frames']:7d} {r['fit_s']:8.1f} {r['fps']:7.1f} "
               f"{r['bank_fps']:8.1f} {r['peak_rss_mb']:11.0f} {r['bank_mb']:9.0f} {r['bank_kb_per_frame']:8.0f}")
     if args.json:
-        p = Path(args.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=1, default=str))
-        bu.log(f"wrote {p}")
+        bu.write_json(args.json, result)
     return 0
 
 

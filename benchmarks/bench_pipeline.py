@@ -419,10 +419,7 @@ def main(argv=None) -> int:
         for k, v in tables.items():
             print(f"\n--- torch profiler: {k} (one batch of {cfg.pipeline.max_batch}) ---\n{v}")
     if args.json:
-        p = Path(args.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=1, default=str))
-        bu.log(f"wrote {p}")
+        bu.write_json(args.json, result)
     return 0
 
 

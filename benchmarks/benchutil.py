@@ -198,3 +198,12 @@ def median(xs):
         return None
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def write_json(path: str | os.PathLike, result: dict) -> Path:
+    """The result as indented JSON at `path` (parents created); logged."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=1, default=str))
+    log(f"wrote {p}")
+    return p

@@ -60,6 +60,15 @@ def _check_user_error(err: UserError, origin: str) -> None:
         assert line.startswith(origin), line
 
 
+def _load_valid_or_named_error(p):
+    try:
+        cfg = configs.load(p, environ={})
+    except UserError as err:
+        _check_user_error(err, str(p))
+    else:
+        assert isinstance(cfg, AppConfig)
+
+
 @FUZZ
 @given(configs_trees)
 def test_parse_random_trees(tree):
@@ -84,12 +93,7 @@ def _yamlable(tree) -> bool:
 def test_load_random_yaml_files(tmp_path_factory, tree):
     p = tmp_path_factory.mktemp("cfg") / "c.yaml"
     p.write_text(yaml.safe_dump(tree, allow_unicode=True) if _yamlable(tree) else repr(tree))
-    try:
-        cfg = configs.load(p, environ={})
-    except UserError as err:
-        _check_user_error(err, str(p))
-    else:
-        assert isinstance(cfg, AppConfig)
+    _load_valid_or_named_error(p)
 
 
 @FUZZ
@@ -105,12 +109,7 @@ def test_load_random_yaml_files(tmp_path_factory, tree):
 def test_load_random_bytes(tmp_path_factory, data):
     p = tmp_path_factory.mktemp("cfg") / "c.yaml"
     p.write_bytes(data)
-    try:
-        cfg = configs.load(p, environ={})
-    except UserError as err:
-        _check_user_error(err, str(p))
-    else:
-        assert isinstance(cfg, AppConfig)
+    _load_valid_or_named_error(p)
 
 
 @FUZZ
