@@ -213,9 +213,10 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
         for k, v in comps.items():
             comps_all.setdefault(k, []).append(v)
         app = out.appearance_maps if out.appearance_maps is not None else out.maps
-        app_px.append(app[:, ::4, ::4].float().cpu().numpy())
+        # Copies, not strided views: a view would keep each batch's full-size maps alive.
+        app_px.append(np.ascontiguousarray(app[:, ::4, ::4].float().cpu().numpy()))
         if out.motion_maps is not None:
-            mot_px.append(out.motion_maps[:, ::4, ::4].float().cpu().numpy())
+            mot_px.append(np.ascontiguousarray(out.motion_maps[:, ::4, ::4].float().cpu().numpy()))
     q = cfg.bank.pixel_quantile
     app_maps = np.concatenate(app_px)
     norm = None
