@@ -59,7 +59,7 @@ def add_live_commands(sub, common) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
     p.add_argument("--redis", default=None, metavar="URL", help="also publish to Redis")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anomaly", choices=["vehicle", "offpath", "object"], default="vehicle")
+    p.add_argument("--anomaly", choices=["vehicle", "offpath", "object"], default="object")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the streamed clip")
 
 

@@ -56,3 +56,17 @@ def test_default_config_on_avenue(avenue_root, tmp_path):
     assert m["n_frames"] == sum(len(range(0, n, 5)) for n in (36, 426, 294, 248, 273, 76))
     # a sanity floor on real footage; the recorded figures live in benchmarks/RESULTS.md
     assert m["pixel_auroc"] > 0.9 and m["frame_auroc_micro"] > 0.6, m
+
+
+def test_demo_end_to_end(tmp_path):
+    import av
+
+    r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "demo", "--out", str(tmp_path / "d"), "--quiet"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(x) for x in (tmp_path / "d" / "events.jsonl").read_text().splitlines()]
+    alerts = [e for e in events if e["type"] == "alert"]
+    assert [a["event"] for a in alerts][0] == "new" and alerts[-1]["event"] == "end"
+    assert Path(alerts[-1]["snapshot"]).is_file()
+    with av.open(str(tmp_path / "d" / "video" / "demo_cam.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == sum(1 for e in events if e["type"] == "frame") == 240
