@@ -64,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--train-frames", type=int, default=None,
                     help="frames per training video, 2 videos (default 240; --quick 24)")
     ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR), help="cache dir (default benchmarks/out)")
+    ap.add_argument("--hwaccel", default="auto", choices=["auto", "none", "cuda"],
+                    help="source.hwaccel of the e2e cameras and the N-thread decode (default auto: NVDEC when "
+                         "a CUDA device is present); decode_fps is always software, decode_hw_fps hardware")
     ap.add_argument("--video", action="store_true", help="also run the annotated-video sink in e2e")
     ap.add_argument("--profile", action="store_true", help="torch-profile one backbone and scoring pass")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
@@ -100,13 +103,13 @@ class Timer:
         return t1
 
 
-def decode_file(clip: Path, keep: bool = True):
+def decode_file(clip: Path, keep: bool = True, hwaccel: str | None = None):
     from stream.avio import VideoInput
 
     frames, n = [], 0
     t0 = time.perf_counter()
     decode_file.cpu0 = time.process_time()
-    with VideoInput(str(clip), "file") as v:
+    with VideoInput(str(clip), "file", hwaccel=hwaccel) as v:
         for img, _t in v.frames():
             n += 1
             if keep:
@@ -115,12 +118,12 @@ def decode_file(clip: Path, keep: bool = True):
     return frames, n, time.perf_counter() - t0
 
 
-def decode_parallel(clip: Path, n_threads: int) -> float:
+def decode_parallel(clip: Path, n_threads: int, hwaccel: str | None = None) -> float:
     """Aggregate fps of n threads each decoding the whole file (as n file cameras do)."""
     counts = [0] * n_threads
 
     def work(i):
-        counts[i] = decode_file(clip, keep=False)[1]
+        counts[i] = decode_file(clip, keep=False, hwaccel=hwaccel)[1]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
     t0 = time.perf_counter()
@@ -209,12 +212,12 @@ def isolated_pass(det, images, cfg, sinks, sync, camera="bench") -> dict:
             "scoring_cpu_ms": totals["scoring_cpu"] * 1000.0 / n}
 
 
-def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool) -> dict:
+def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "auto") -> dict:
     from configs.schema import SourceConfig
     from stream.cli import run_pipeline
 
     c = cfg.model_copy(deep=True)
-    c.sources = [SourceConfig(name=f"cam{i}", url=str(clip)) for i in range(n_cams)]
+    c.sources = [SourceConfig(name=f"cam{i}", url=str(clip), hwaccel=hwaccel) for i in range(n_cams)]
     shutil.rmtree(out, ignore_errors=True)
     c.sinks.jsonl.enabled = True
     c.sinks.jsonl.path = str(out / "events.jsonl")
@@ -287,7 +290,10 @@ def main(argv=None) -> int:
     runs_dir = workdir / "runs"
     reps: dict[str, list] = {k: [] for k in ("decode_fps", "backbone_fps", "scoring_fps", "preprocess_fps",
                                               "e2e_fps", "e2e_wall_s",
-                                              "e2e_cpu_ms", "scoring_cpu_ms")}
+                                              "e2e_cpu_ms", "scoring_cpu_ms", "decode_hw_fps")}
+    from stream.avio import resolve_hwaccel
+
+    hw = resolve_hwaccel(args.hwaccel)  # what the e2e cameras decode with
     stage_reps: dict[str, list] = {}
     cpu_reps: dict[str, list] = {}
     pipe_stage_reps: dict[str, list] = {}
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     rss_after_e2e = None
     for r in range(args.repeats):
         bu.log(f"repeat {r + 1}/{args.repeats}: e2e (1 camera) ...")
-        e = run_e2e(cfg, bank, clip, 1, runs_dir / "e2e", args.video)
+        e = run_e2e(cfg, bank, clip, 1, runs_dir / "e2e", args.video, args.hwaccel)
         if rss_after_e2e is None:
             rss_after_e2e = bu.maxrss_mb()
         reps["e2e_fps"].append(e["fps"])
@@ -309,6 +315,9 @@ def main(argv=None) -> int:
         if images is None:
             images = frames
         reps["decode_fps"].append(n / dt)
+        if hw is not None:
+            _, nh, dth = decode_file(clip, keep=False, hwaccel=hw)
+            reps["decode_hw_fps"].append(nh / dth)
         stage_reps.setdefault("decode", []).append(dt / n)
         cpu_reps.setdefault("decode", []).append(decode_file.cpu_s / n)
         if det is None:
@@ -342,14 +351,15 @@ def main(argv=None) -> int:
     multi_detail: dict[int, dict] = {}
     decode_threads: dict[int, float] = {}
     for n in args.cameras:
-        dec = [decode_parallel(clip, n) for _ in range(args.multi_repeats)]
+        dec = [decode_parallel(clip, n, hw) for _ in range(args.multi_repeats)]
         decode_threads[n] = bu.median(dec)
         if n == 1:
             multi[1] = bu.median(reps["e2e_fps"])
             multi_detail[1] = {"fps": multi[1], "runs": reps["e2e_fps"], "decode_fps": decode_threads[n]}
             continue
         bu.log(f"multi-camera: {n} cameras ...")
-        runs = [run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video) for _ in range(args.multi_repeats)]
+        runs = [run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video, args.hwaccel)
+                for _ in range(args.multi_repeats)]
         multi[n] = bu.median([x["fps"] for x in runs])
         multi_detail[n] = {"fps": multi[n], "runs": [x["fps"] for x in runs], "decode_fps": decode_threads[n],
                            "stage_ms": {k: bu.median([x["stage_ms"].get(k) for x in runs])
@@ -358,7 +368,7 @@ def main(argv=None) -> int:
 
     tables = profile_pass(det, images, cfg, sync) if args.profile else None
     load_after = bu.loadavg()
-    med = {k: bu.median(v) for k, v in reps.items()}
+    med = {k: bu.median(v) for k, v in reps.items() if v}
     stage_ms = {k: round(bu.median(v) * 1000.0, 3) for k, v in stage_reps.items()}
     result = {
         "config": str(args.config or "default"),
@@ -375,6 +385,8 @@ def main(argv=None) -> int:
         "clip": str(clip),
         "bank": str(bank),
         "decode_fps": med["decode_fps"],
+        "decode_hw_fps": med["decode_hw_fps"] if reps["decode_hw_fps"] else None,
+        "hwaccel": hw or "none",
         "preprocess_fps": med["preprocess_fps"],
         "backbone_fps": med["backbone_fps"],
         "scoring_fps": med["scoring_fps"],

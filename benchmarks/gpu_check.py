@@ -44,7 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda", help="the GPU device (default cuda)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--frames", type=int, default=64)
-    ap.add_argument("--train-frames", type=int, default=120, help="per training video, 2 videos")
+    ap.add_argument("--clip-frames", type=int, default=2000, help="length of the generated clip")
+    ap.add_argument("--train-frames", type=int, default=240, help="per training video, 2 videos (as bench_pipeline)")
     ap.add_argument("--size", default="856x480")
     ap.add_argument("--fps", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-agree", type=float, default=0.99)
     ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR))
     ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="backbone precision of both paths; one comparison (and one bank) each")
     ap.add_argument("--require-cuda", action="store_true", help="exit 3 (not 0) when there is no CUDA device")
     return ap.parse_args(argv)
 
@@ -62,12 +65,42 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
+    import torch
+
+    if args.device != "cpu" and not torch.cuda.is_available():  # --device cpu: a self-check of this script
+        print("gpu_check: no CUDA device on this machine: nothing to check (run it on a machine with a GPU)")
+        return 3 if args.require_cuda else 0
+    workdir = Path(args.workdir)
+    size = bu.parse_size(args.size)
+    # the pipeline benchmark's clip (already there when both run): its first --frames frames
+    clip = bu.ensure_clip(workdir, size, args.fps, args.clip_frames, args.seed, "vehicle")
+    footage = bu.ensure_footage(workdir, size, args.fps, 2, args.train_frames, args.seed)
+    from bench_pipeline import decode_file  # the pipeline benchmark's reader (stream.avio.VideoInput)
+
+    images = decode_file(clip)[0][: args.frames]
+    results, failed = [], []
+    for precision in args.precision:
+        res = compare(args, precision, images, footage, workdir)
+        results.append(res)
+        print(json.dumps(res, indent=1))
+        if not res["passed"]:
+            failed.append(f"{precision}: " + "; ".join(res["why"]))
+    if args.json:
+        p = Path(args.json)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(results, indent=1))
+    if failed:
+        print("gpu_check: FAILED: " + " | ".join(failed), file=sys.stderr)
+        return 1
+    print("gpu_check: passed")
+    return 0
+
+
+def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
+    """Both paths at the same backbone precision, on one bank fitted on the CPU at that precision."""
     import numpy as np
     import torch
 
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device on this machine: nothing to check (run it on a machine with a GPU)")
-        return 3 if args.require_cuda else 0
     from detector.detector import Detector, resize_batch
 
     gpu_device = args.device
@@ -75,16 +108,12 @@ def main(argv=None) -> int:
     cfg_cpu = bu.load_config(args)
     args.device = gpu_device
     cfg_gpu = bu.load_config(args)
-    workdir = Path(args.workdir)
-    size = bu.parse_size(args.size)
-    clip = bu.ensure_clip(workdir, size, args.fps, args.frames, args.seed, "vehicle")
-    footage = bu.ensure_footage(workdir, size, args.fps, 2, args.train_frames, args.seed)
+    for c in (cfg_cpu, cfg_gpu):
+        c.detector.precision = precision
+    cfg_gpu.detector.pixel_bank = "memory"  # the GPU default (auto) on any bank that fits
     d = cfg_cpu.detector
     bank, _ = bu.ensure_bank(cfg_cpu, footage, workdir)  # fitted on the CPU
-
-    from bench_pipeline import decode_file  # the pipeline benchmark's reader (stream.avio.VideoInput)
-
-    images, n, _ = decode_file(clip)
+    n = len(images)
     det_c = Detector.load(cfg_cpu, bank)
     det_g = Detector.load(cfg_gpu, bank)
     bs = cfg_cpu.pipeline.max_batch
@@ -97,7 +126,8 @@ def main(argv=None) -> int:
         t_c += time.perf_counter() - t0
         t0 = time.perf_counter()
         og, _ = det_g.score_tensors(*det_g.features(small))
-        torch.cuda.synchronize()
+        if det_g.device.type == "cuda":
+            torch.cuda.synchronize()
         t_g += time.perf_counter() - t0
         mc = oc.maps.float().numpy().reshape(len(small), -1).astype(np.float64)
         mg = og.maps.float().cpu().numpy().reshape(len(small), -1).astype(np.float64)
@@ -110,30 +140,20 @@ def main(argv=None) -> int:
     agree = float(np.mean(np.asarray(top1_c) == np.asarray(top1_g)))
     res = {
         "frames": n, "backbone": d.backbone.name, "weights": d.backbone.weights or "pretrained",
-        "input_size": d.input_size, "grid": d.grid, "gpu": torch.cuda.get_device_name(),
+        "input_size": d.input_size, "grid": d.grid, "gpu": torch.cuda.get_device_name() if det_g.device.type == "cuda" else "none (cpu self-check)",
         "map_rel_l2_max": float(np.max(rel_l2)), "map_rel_l2_median": float(np.median(rel_l2)),
         "map_rel_maxabs_max": float(np.max(rel_max)), "image_score_rel_max": float(np.max(img_rel)),
         "top1_agreement": agree, "tol": args.tol, "min_agree": args.min_agree,
-        "cpu_s": round(t_c, 3), "gpu_s": round(t_g, 3),
+        "cpu_s": round(t_c, 3), "gpu_s": round(t_g, 3), "precision": precision,
+        "gpu_pixel_bank": det_g.scorer.pixel_bank,
     }
-    ok_maps = res["map_rel_l2_max"] < args.tol
-    ok_nn = agree >= args.min_agree
-    res["passed"] = bool(ok_maps and ok_nn)
-    print(json.dumps(res, indent=1))
-    if args.json:
-        p = Path(args.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(res, indent=1))
-    if not res["passed"]:
-        why = []
-        if not ok_maps:
-            why.append(f"map relative L2 error {res['map_rel_l2_max']:.3g} >= {args.tol:g}")
-        if not ok_nn:
-            why.append(f"top-1 neighbour agreement {agree:.3f} < {args.min_agree:g}")
-        print("gpu_check: FAILED: " + "; ".join(why), file=sys.stderr)
-        return 1
-    print("gpu_check: passed")
-    return 0
+    why = []
+    if res["map_rel_l2_max"] >= args.tol:
+        why.append(f"map relative L2 error {res['map_rel_l2_max']:.3g} >= {args.tol:g}")
+    if agree < args.min_agree:
+        why.append(f"top-1 neighbour agreement {agree:.3f} < {args.min_agree:g}")
+    res["passed"], res["why"] = not why, why
+    return res
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ class DetectorConfig(Section):
     # it is ~1.7x faster; fp32 elsewhere. Features differ by a few percent between the two, so a bank
     # records the precision it was fitted with and refuses the other.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    pixel_bank: Literal["auto", "disk", "memory"] = Field(
+        "auto", description="where the bank's pixel features live while scoring: 'disk' (memory-mapped, "
+        "only each batch's neighbour frames are read), 'memory' (all of it on the scoring device), 'auto' "
+        "(memory on a GPU when it takes at most half of its free memory, else disk)")
     batch_size: int = Field(16, ge=1, le=1024)
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (None: torch default)")
 
@@ -132,6 +136,9 @@ class SourceConfig(Section):
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    hwaccel: Literal["auto", "none", "cuda"] = Field(
+        "auto", description="decode on the GPU (NVDEC via FFmpeg): 'auto' when PyAV's FFmpeg supports it "
+        "and a CUDA device is present, 'cuda' to ask for it (falls back to the CPU with a warning), 'none'")
     queue_size: int = Field(8, ge=1)
     reconnect_base_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)

@@ -25,19 +25,51 @@ from stream.frame import Frame
 log = logging.getLogger(__name__)
 
 
-def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """uint8 [B, S, S, 3]. Resizing on the host shrinks what crosses to the device ~6x for 856x480.
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [S, S, 3]. INTER_AREA averages the source pixels under each target pixel (no aliasing
+    when shrinking)."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {img.shape}")
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
 
-    INTER_AREA averages the source pixels under each target pixel (no aliasing when shrinking).
-    """
+
+def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """uint8 [B, S, S, 3]. Resizing on the host shrinks what crosses to the device ~6x for 856x480."""
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(images):
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"expected an RGB image [H, W, 3], got shape {img.shape}")
-        h, w = img.shape[:2]
-        interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
-        out[i] = cv2.resize(img, (size, size), interpolation=interp) if (h, w) != (size, size) else img
+        out[i] = resize_image(img, size)
     return out
+
+
+class ScoredBatch:
+    """A scored batch whose per-frame results (regions, result objects) are built later, on another
+    thread: the pipeline's detector thread goes on to the next batch while the sink thread finishes
+    this one. Maps and neighbours are already on the host."""
+
+    def __init__(self, detector: "Detector", frames: Sequence[Frame], maps: np.ndarray, neighbours: np.ndarray,
+                 comps: dict[str, np.ndarray], scores: np.ndarray):
+        self.detector, self.frames, self.maps, self.neighbours = detector, frames, maps, neighbours
+        self.comps, self.scores = comps, scores
+
+    def results(self) -> list[FrameResult]:
+        det = self.detector
+        pix_t, frame_t = det.pixel_threshold, det.frame_threshold
+        min_area, k_image = det.cfg.regions.min_area, det.dcfg.k_image
+        out = []
+        for i, f in enumerate(self.frames):
+            out.append(FrameResult(
+                camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
+                score=float(self.scores[i]), threshold=frame_t, anomaly_map=self.maps[i],
+                regions=find_regions(self.maps[i], pix_t, f.size, min_area),
+                frame_size=f.size, image_score=float(self.comps["image_knn"][i]),
+                components={k: float(v[i]) for k, v in self.comps.items()},
+                neighbours=self.neighbours[i, :k_image],
+            ))
+        return out
 
 
 def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
@@ -57,10 +89,13 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
     return sig
 
 
-def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf) -> dict[str, np.ndarray]:
-    """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore)."""
+def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf,
+                     with_regions: bool = True) -> dict[str, np.ndarray]:
+    """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore).
+    `with_regions=False` skips the `regions` component (a connected-components pass per frame)."""
     app = out.appearance_maps if out.appearance_maps is not None else out.maps
-    return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold)
+    return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold,
+                                 with_regions=with_regions)
 
 
 MOTION_FLOW_FLOOR = 0.25  # flow px/frame: the motion map's normaliser never goes below this
@@ -87,7 +122,7 @@ class Detector:
         if bank is not None:
             self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
                                       sigma=d.sigma, input_size=d.input_size, device=device,
-                                      spatial_window=d.spatial_window)
+                                      spatial_window=d.spatial_window, pixel_bank=d.pixel_bank)
             if d.motion.enabled:
                 if bank.motion_model is None:
                     raise UserError(f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
@@ -248,8 +283,8 @@ class Detector:
         return an + w * motion / max(m["q"], MOTION_FLOW_FLOOR)
 
     @torch.inference_mode()
-    def score_tensors(self, pyramid: torch.Tensor, glob: torch.Tensor,
-                      motion: np.ndarray | None = None) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
+    def score_tensors(self, pyramid: torch.Tensor, glob: torch.Tensor, motion: np.ndarray | None = None,
+                      all_components: bool = True) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
         if self.scorer is None:
             raise RuntimeError("detector has no memory bank")
         out = self.scorer.score(pyramid, glob)
@@ -259,8 +294,14 @@ class Detector:
             mmaps = self.scorer.upsample(self.motion_scorer.score(motion))
             final = self.combine_maps(out.maps, mmaps)
             out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=mmaps)
-        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold)
+        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold,
+                                 with_regions=all_components or self.uses_component("regions"))
         return out, comps
+
+    def uses_component(self, name: str) -> bool:
+        """Whether the configured frame score reads component `name`."""
+        d = self.dcfg
+        return d.frame_score == name or (d.frame_score == "combined" and name in d.combine)
 
     def frame_scores(self, comps: dict[str, np.ndarray]) -> np.ndarray:
         """The configured frame score (before smoothing); 'combined' is the mean held-out z-score of
@@ -281,10 +322,11 @@ class Detector:
         with self._lock:
             return np.array([self._smoother(c, v) for c, v in zip(camera_ids, scores)])
 
-    def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None):
+    def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None,
+                       all_components: bool = True):
         pyr, glob = self.features(small)
         motion = self.motion_features(small, cams, prev_small, indices)
-        out, comps = self.score_tensors(pyr, glob, motion)
+        out, comps = self.score_tensors(pyr, glob, motion, all_components=all_components)
         return out, comps, self.smooth(cams, self.frame_scores(comps))
 
     def score_images(self, images: Sequence[np.ndarray], camera_id: str = "default",
@@ -299,26 +341,35 @@ class Detector:
             prev_small = [None if p is None else resize_batch([p], s)[0] for p in prev_images]
         return self._score_resized(small, [camera_id] * len(images), prev_small)
 
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The model input of one decoded frame; sources call it on their own decode threads, so
+        resizing runs in parallel across cameras instead of serially on the detector thread."""
+        return resize_image(image, self.dcfg.input_size)
+
+    def model_inputs(self, frames: Sequence[Frame]) -> np.ndarray:
+        s = self.dcfg.input_size
+        out = np.empty((len(frames), s, s, 3), dtype=np.uint8)
+        for i, f in enumerate(frames):
+            small = f.small
+            out[i] = small if small is not None and small.shape == (s, s, 3) else resize_image(f.image, s)
+        return out
+
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:
-        small = resize_batch([f.image for f in frames], self.dcfg.input_size)
+        """Results of a batch, every frame component included (evaluation, tests)."""
+        small = self.model_inputs(frames)
         out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
                                                  indices=[f.index for f in frames])
         return self.results(frames, out, comps, scores)
 
+    def score_batch(self, frames: Sequence[Frame]) -> ScoredBatch:
+        """The live path: scores now, per-frame results later (`ScoredBatch.results`, on the sink
+        thread); frame components the frame score does not read are skipped."""
+        small = self.model_inputs(frames)
+        out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
+                                                 indices=[f.index for f in frames], all_components=False)
+        return ScoredBatch(self, frames, out.maps.float().cpu().numpy(), out.neighbours.cpu().numpy(), comps, scores)
+
     def results(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],
                 scores: np.ndarray) -> list[FrameResult]:
-        maps = out.maps.float().cpu().numpy()
-        nbrs = out.neighbours.cpu().numpy()
-        pix_t, frame_t = self.pixel_threshold, self.frame_threshold
-        min_area = self.cfg.regions.min_area
-        results = []
-        for i, f in enumerate(frames):
-            results.append(FrameResult(
-                camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
-                score=float(scores[i]), threshold=frame_t, anomaly_map=maps[i],
-                regions=find_regions(maps[i], pix_t, f.size, min_area),
-                frame_size=f.size, image_score=float(comps["image_knn"][i]),
-                components={k: float(v[i]) for k, v in comps.items()},
-                neighbours=nbrs[i, : self.dcfg.k_image],
-            ))
-        return results
+        return ScoredBatch(self, frames, out.maps.float().cpu().numpy(), out.neighbours.cpu().numpy(),
+                           comps, scores).results()

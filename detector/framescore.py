@@ -52,7 +52,8 @@ def region_scores(maps: np.ndarray, threshold: float, stride: int = REGION_STRID
 
 
 def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: torch.Tensor,
-               motion_maps: torch.Tensor | None, topq: float, pixel_threshold: float) -> dict[str, np.ndarray]:
+               motion_maps: torch.Tensor | None, topq: float, pixel_threshold: float,
+               with_regions: bool = True) -> dict[str, np.ndarray]:
     comps = {
         "image_knn": image_scores,
         "map_max": app_maps.flatten(1).amax(dim=1),
@@ -62,7 +63,8 @@ def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: t
         comps["motion_max"] = motion_maps.flatten(1).amax(dim=1)
         comps["motion_topq"] = topq_mean(motion_maps, topq)
     out = {k: v.float().cpu().numpy() for k, v in comps.items()}
-    out["regions"] = region_scores(final_maps.float().cpu().numpy(), pixel_threshold).astype(np.float32)
+    if with_regions:
+        out["regions"] = region_scores(final_maps.float().cpu().numpy(), pixel_threshold).astype(np.float32)
     return out
 
 

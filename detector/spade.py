@@ -86,11 +86,46 @@ def window_mask(grid: int, radius: int, device) -> torch.Tensor:
     return near.to(device)
 
 
+# `auto` keeps the pixel bank on the device only when it takes at most this share of the GPU's free
+# memory: the rest is left to the backbone's activations, which grow with the batch.
+RESIDENT_GPU_SHARE = 0.5
+RESIDENT_CHUNK_FRAMES = 64  # frames copied per step while loading a resident bank (bounds host RAM)
+
+
+def pixel_bank_bytes(bank: MemoryBank) -> int:
+    g = int(bank.meta["grid"])
+    return bank.n_frames * g * g * int(bank.meta["pixel_dim"]) * 2  # fp16
+
+
+def resolve_pixel_bank(mode: str, bank: MemoryBank, device: torch.device) -> str:
+    """'disk' (rows read per batch, RAM stays flat however large the bank) or 'memory' (the whole
+    pixel bank resident on the scoring device). `auto`: memory on a GPU where it fits, else disk: on
+    a GPU the per-batch reads and host-to-device copies would dominate scoring, while a CPU host is
+    exactly where a large bank must not be loaded whole."""
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "disk"
+    free, _total = torch.cuda.mem_get_info(device)
+    return "memory" if pixel_bank_bytes(bank) <= RESIDENT_GPU_SHARE * free else "disk"
+
+
+def load_resident(bank: MemoryBank, device: torch.device) -> torch.Tensor:
+    """float16 [N, g*g, C] on `device`, copied in chunks so host memory never holds the whole bank."""
+    g, c, n = int(bank.meta["grid"]), int(bank.meta["pixel_dim"]), bank.n_frames
+    out = torch.empty((n, g * g, c), dtype=torch.float16, device=device)
+    for i in range(0, n, RESIDENT_CHUNK_FRAMES):
+        rows = bank.gather(np.arange(i, min(n, i + RESIDENT_CHUNK_FRAMES)))
+        out[i:i + len(rows)].copy_(torch.from_numpy(rows))
+    return out
+
+
 class SpadeScorer:
     """Holds the bank's global features on the device; pixel features stay memory-mapped on disk."""
 
     def __init__(self, bank: MemoryBank, *, k_image: int, k_gallery: int, kappa: int, sigma: float,
-                 input_size: int, device: torch.device, spatial_window: int | None = None):
+                 input_size: int, device: torch.device, spatial_window: int | None = None,
+                 pixel_bank: str = "disk"):
         n = bank.n_frames
         self.bank = bank
         self.k_image = min(k_image, n)
@@ -104,6 +139,8 @@ class SpadeScorer:
         self.global_sqnorm = self.global_feats.pow(2).sum(-1)
         # Position awareness for fixed cameras: a cell may only match gallery cells near its own position.
         self.spatial_window = spatial_window
+        self.pixel_bank = resolve_pixel_bank(pixel_bank, bank, device)
+        self.resident = load_resident(bank, device) if self.pixel_bank == "memory" else None
 
     def nearest_frames(self, glob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances [B, k], indices [B, k]) of the k nearest bank frames, nearest first."""
@@ -113,11 +150,14 @@ class SpadeScorer:
 
     def gallery(self, neighbours: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Pixel features of the union of all neighbour frames of a batch, read once, on the device."""
+        if self.resident is not None:  # no host round trip: the union is taken on the device
+            uniq, inverse = torch.unique(neighbours[:, : self.k_gallery], return_inverse=True)
+            return self.resident[uniq].float(), inverse
         idx = neighbours[:, : self.k_gallery].cpu().numpy()
         uniq, inverse = np.unique(idx, return_inverse=True)
         feats = torch.from_numpy(self.bank.gather(uniq))
         feats = feats.to(self.device, non_blocking=True).float()
-        return feats, inverse.reshape(idx.shape)
+        return feats, torch.from_numpy(inverse.reshape(idx.shape)).to(self.device)
 
     def pixel_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest gallery features."""
@@ -127,7 +167,7 @@ class SpadeScorer:
         q = pyramid.float().flatten(2).transpose(1, 2)  # [B, g*g, C]
         feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
         sqn = feats.pow(2).sum(-1)  # [U, g*g]
-        inv = torch.from_numpy(inverse).to(self.device)
+        inv = inverse
         gal = feats[inv].reshape(b, -1, c)  # [B, k_gallery*g*g, C]
         gal_sqn = sqn[inv].reshape(b, -1)
         # |q|^2 is the same for every candidate of a cell, so the nearest candidates are found on
@@ -154,7 +194,7 @@ class SpadeScorer:
         gal = feats.reshape(u, g, g, c).permute(0, 3, 1, 2)
         gal = F.pad(gal, (r, r, r, r), value=1e4).permute(0, 2, 3, 1).contiguous()  # outside: never nearest
         gal_sqn = gal.pow(2).sum(-1)  # [U, g+2r, g+2r]
-        inv = torch.from_numpy(inverse).to(self.device)  # [B, k_gallery]
+        inv = inverse  # [B, k_gallery]
         cands = []
         for j in range(inv.shape[1]):
             gj, nj = gal[inv[:, j]], gal_sqn[inv[:, j]]

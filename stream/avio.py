@@ -197,17 +197,45 @@ def _open_error(url: str, kind: Kind, exc: BaseException, elapsed: float, open_t
     return InputError(url, "not a decodable video", _reason(exc), permanent=True)
 
 
+def hw_decode_device() -> Optional[str]:
+    """'cuda' when this FFmpeg build can decode on an NVIDIA GPU (NVDEC) and a CUDA device is present."""
+    try:
+        from av.codec.hwaccel import hwdevices_available
+    except ImportError:  # PyAV < 14
+        return None
+    if "cuda" not in hwdevices_available():
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def resolve_hwaccel(name: str) -> Optional[str]:
+    """source.hwaccel -> the device type to decode on, or None for software decoding."""
+    if name == "none":
+        return None
+    if name == "auto":
+        return hw_decode_device()
+    return name
+
+
 def open_input(
     url: str,
     kind: Kind,
     open_timeout: float = 10.0,
     read_timeout: float = 5.0,
     rtsp_transport: str = "tcp",
+    hwaccel: Optional[str] = None,
 ) -> "av.container.InputContainer":
     """An opened PyAV input container for `url`, or InputError naming the (redacted) URL.
 
     `timeout=(open, read)` bounds the connection and every packet read, so a camera that accepts
     the connection and then sends nothing raises instead of hanging. Caller closes the container.
+    `hwaccel` ('cuda'): decode on the GPU, frames come back to host memory; a stream the hardware
+    cannot decode falls back to software inside FFmpeg, and a device that cannot be opened at all
+    falls back here, with a warning.
     """
     target, fmt = _ffmpeg_target(url, kind)
     if kind == "file":
@@ -224,9 +252,21 @@ def open_input(
         # H.264 picture is worse for an anomaly detector than a few ms of latency.
         options["rtsp_transport"] = rtsp_transport
     t0 = time.monotonic()
+    kwargs = {}
+    if hwaccel is not None:
+        from av.codec.hwaccel import HWAccel
+
+        kwargs["hwaccel"] = HWAccel(device_type=hwaccel, allow_software_fallback=True)
     try:
-        return av.open(target, mode="r", format=fmt, options=options, timeout=(open_timeout, read_timeout))
+        return av.open(target, mode="r", format=fmt, options=options, timeout=(open_timeout, read_timeout),
+                       **kwargs)
     except (av.error.FFmpegError, OSError) as exc:
+        if hwaccel is not None:
+            # FFmpeg reports a missing or busy device the same way as a bad input: retry in software
+            # once, and let that attempt decide whether the input itself is the problem.
+            log.warning("%s: hardware decoding (%s) unavailable (%s): decoding on the CPU", redact(url), hwaccel,
+                        _reason(exc))
+            return open_input(url, kind, open_timeout, read_timeout, rtsp_transport, None)
         raise _open_error(url, kind, exc, time.monotonic() - t0, open_timeout) from None
 
 
@@ -244,13 +284,13 @@ class VideoInput:
     """
 
     def __init__(self, url: str, kind: Kind, *, open_timeout: float = 10.0, read_timeout: float = 5.0,
-                 rtsp_transport: str = "tcp"):
+                 rtsp_transport: str = "tcp", hwaccel: Optional[str] = None):
         self.url, self.kind, self.name = url, kind, redact(url)
         self.open_timeout, self.read_timeout = open_timeout, read_timeout
         self._frames: Optional[Iterator] = None
         self.decoded = 0  # frames decoded so far
         self.bad_packets = 0  # packets skipped because they failed to decode
-        self.container = open_input(url, kind, open_timeout, read_timeout, rtsp_transport)
+        self.container = open_input(url, kind, open_timeout, read_timeout, rtsp_transport, hwaccel)
         try:
             if not self.container.streams.video:
                 raise InputError(url, "no video stream", "expected a video", permanent=kind not in LIVE_KINDS)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -12,6 +13,7 @@ class Frame:
     index: int  # 0-based index among the frames the source decoded
     timestamp: float  # wall-clock capture time (time.time()) for live sources, media time for files
     image: np.ndarray  # uint8 RGB [H, W, 3], C-contiguous
+    small: Optional[np.ndarray] = None  # the model input (uint8 [S, S, 3]) when the source prepared it
 
     @property
     def size(self) -> tuple[int, int]:

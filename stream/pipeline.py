@@ -49,7 +49,8 @@ class Pipeline:
         self.detector = detector
         self.sinks = sinks
         self.stats = stats or PipelineStats()
-        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb))
+        prepare = getattr(detector, "prepare", None)
+        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=prepare))
         self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
         self._stop = threading.Event()
         self._sink_q: queue.Queue = queue.Queue(maxsize=4)
@@ -113,6 +114,11 @@ class Pipeline:
                 if kind == "results":
                     _, results, arrivals = item
                     t0 = time.perf_counter()
+                    if not isinstance(results, list):  # a ScoredBatch: regions are found here
+                        results = results.results()
+                        t1 = time.perf_counter()
+                        self.stats.add_stage("regions", t1 - t0)
+                        t0 = t1
                     for res, arr in zip(results, arrivals):
                         events = self.sinks.publish(res, arr.frame)
                         now = time.time()
@@ -216,7 +222,8 @@ class Pipeline:
         frames = [a.frame for a in batch]
         t0 = time.perf_counter()
         try:
-            results = self.detector.score_frames(frames)
+            score_batch = getattr(self.detector, "score_batch", None)
+            results = score_batch(frames) if score_batch is not None else self.detector.score_frames(frames)
         except Exception:
             self.detector_errors += 1
             log.exception("detector failed on a batch of %d frames (%d failures so far)", len(frames),

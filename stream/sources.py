@@ -168,8 +168,12 @@ class Source:
         cfg: SourceConfig,
         on_status: Optional[Callable[[StatusEvent], None]] = None,
         clock: Callable[[], float] = time.time,
+        prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ):
         self.cfg = cfg
+        # Turns each decoded image into the model input on this source's thread (Detector.prepare).
+        self._prepare = prepare
+        self.hwaccel = avio.resolve_hwaccel(cfg.hwaccel)  # once: probing CUDA per reconnect is wasted work
         self.name = cfg.name
         self.url = avio.redact(cfg.url)  # the only form of the URL this class ever shows
         self.kind: avio.Kind = cfg.kind if cfg.kind != "auto" else avio.classify(cfg.url)
@@ -352,7 +356,8 @@ class Source:
         if self._state != SourceState.STREAMING:
             h, w = image.shape[:2]
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
-        frame = Frame(self.name, self.decoded, timestamp, image)
+        small = self._prepare(image) if self._prepare is not None else None
+        frame = Frame(self.name, self.decoded, timestamp, image, small)
         self.decoded += 1
         self.last_frame_time = self._clock()
         if not self._buffer.put(frame):
@@ -365,7 +370,8 @@ class Source:
         user, password = self._credentials()
         url = avio.with_credentials(cfg.url, user, password)  # never stored: only FFmpeg sees it
         return avio.VideoInput(url, self.kind, open_timeout=cfg.open_timeout_s,
-                               read_timeout=cfg.read_timeout_s, rtsp_transport=cfg.rtsp_transport)
+                               read_timeout=cfg.read_timeout_s, rtsp_transport=cfg.rtsp_transport,
+                               hwaccel=self.hwaccel)
 
     def _run_recorded(self) -> None:
         """File or image folder: once (or forever with cfg.loop), paced or as fast as consumed."""
