@@ -64,9 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--train-frames", type=int, default=None,
                     help="frames per training video, 2 videos (default 240; --quick 24)")
     ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR), help="cache dir (default benchmarks/out)")
-    ap.add_argument("--hwaccel", default="auto", choices=["auto", "none", "cuda"],
-                    help="source.hwaccel of the e2e cameras and the N-thread decode (default auto: NVDEC when "
-                         "a CUDA device is present); decode_fps is always software, decode_hw_fps hardware")
+    ap.add_argument("--hwaccel", default="none", choices=["none", "cuda"],
+                    help="source.hwaccel of the e2e cameras and the N-thread decode (default none); "
+                         "decode_fps is always software, decode_hw_fps NVDEC when --hwaccel cuda")
     ap.add_argument("--video", action="store_true", help="also run the annotated-video sink in e2e")
     ap.add_argument("--profile", action="store_true", help="torch-profile one backbone and scoring pass")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
@@ -212,7 +212,7 @@ def isolated_pass(det, images, cfg, sinks, sync, camera="bench") -> dict:
             "scoring_cpu_ms": totals["scoring_cpu"] * 1000.0 / n}
 
 
-def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "auto") -> dict:
+def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none") -> dict:
     from configs.schema import SourceConfig
     from stream.cli import run_pipeline
 

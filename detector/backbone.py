@@ -237,7 +237,11 @@ class FeatureExtractor(nn.Module):
         """uint8 [B, S, S, 3] -> (pyramid float32 [B, C, grid, grid], global float32 [B, D])."""
         x = images_u8.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and a bank
+        # fitted in fp32 on a CPU would then be queried with features that are not fp32.
+        strict = self.precision == "fp32" and x.device.type == "cuda"
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
+                torch.backends.cudnn.flags(enabled=True, allow_tf32=not strict):
             taps, last = self.trunk(x)
         g = self.grid
         levels = []

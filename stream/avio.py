@@ -197,28 +197,9 @@ def _open_error(url: str, kind: Kind, exc: BaseException, elapsed: float, open_t
     return InputError(url, "not a decodable video", _reason(exc), permanent=True)
 
 
-def hw_decode_device() -> Optional[str]:
-    """'cuda' when this FFmpeg build can decode on an NVIDIA GPU (NVDEC) and a CUDA device is present."""
-    try:
-        from av.codec.hwaccel import hwdevices_available
-    except ImportError:  # PyAV < 14
-        return None
-    if "cuda" not in hwdevices_available():
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    return "cuda" if torch.cuda.is_available() else None
-
-
 def resolve_hwaccel(name: str) -> Optional[str]:
     """source.hwaccel -> the device type to decode on, or None for software decoding."""
-    if name == "none":
-        return None
-    if name == "auto":
-        return hw_decode_device()
-    return name
+    return None if name == "none" else name
 
 
 def open_input(
@@ -284,7 +265,7 @@ class VideoInput:
     """
 
     def __init__(self, url: str, kind: Kind, *, open_timeout: float = 10.0, read_timeout: float = 5.0,
-                 rtsp_transport: str = "tcp", hwaccel: Optional[str] = None):
+                 rtsp_transport: str = "tcp", hwaccel: Optional[str] = None, threads: int = 0):
         self.url, self.kind, self.name = url, kind, redact(url)
         self.open_timeout, self.read_timeout = open_timeout, read_timeout
         self._frames: Optional[Iterator] = None
@@ -298,6 +279,8 @@ class VideoInput:
             # Files: frame + slice threads for throughput. Live: slice threads only, because
             # frame threading holds back one frame per thread, i.e. adds latency.
             self.stream.thread_type = "AUTO" if kind == "file" else "SLICE"
+            # 0 = one per core: right for one camera, oversubscribed when many decode at once
+            self.stream.thread_count = threads
         except BaseException:
             self.container.close()
             raise

@@ -169,11 +169,13 @@ class Source:
         on_status: Optional[Callable[[StatusEvent], None]] = None,
         clock: Callable[[], float] = time.time,
         prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        decode_threads: int = 0,
     ):
         self.cfg = cfg
         # Turns each decoded image into the model input on this source's thread (Detector.prepare).
         self._prepare = prepare
-        self.hwaccel = avio.resolve_hwaccel(cfg.hwaccel)  # once: probing CUDA per reconnect is wasted work
+        self.hwaccel = avio.resolve_hwaccel(cfg.hwaccel)
+        self.decode_threads = decode_threads  # FFmpeg decoder threads; 0: one per core
         self.name = cfg.name
         self.url = avio.redact(cfg.url)  # the only form of the URL this class ever shows
         self.kind: avio.Kind = cfg.kind if cfg.kind != "auto" else avio.classify(cfg.url)
@@ -371,7 +373,7 @@ class Source:
         url = avio.with_credentials(cfg.url, user, password)  # never stored: only FFmpeg sees it
         return avio.VideoInput(url, self.kind, open_timeout=cfg.open_timeout_s,
                                read_timeout=cfg.read_timeout_s, rtsp_transport=cfg.rtsp_transport,
-                               hwaccel=self.hwaccel)
+                               hwaccel=self.hwaccel, threads=self.decode_threads)
 
     def _run_recorded(self) -> None:
         """File or image folder: once (or forever with cfg.loop), paced or as fast as consumed."""
