@@ -279,8 +279,8 @@ class VideoInput:
             # Files: frame + slice threads for throughput. Live: slice threads only, because
             # frame threading holds back one frame per thread, i.e. adds latency.
             self.stream.thread_type = "AUTO" if kind == "file" else "SLICE"
-            # 0 = one per core: right for one camera, oversubscribed when many decode at once
-            self.stream.thread_count = threads
+            if threads > 0:  # else FFmpeg's default, one per core: oversubscribed when many cameras decode
+                self.stream.thread_count = threads
         except BaseException:
             self.container.close()
             raise

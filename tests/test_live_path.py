@@ -1,0 +1,142 @@
+"""The live path's division of work: model inputs prepared on the source threads, regions found on the
+sink thread, the pixel bank read from disk or held in memory, and NVDEC decoding falling back to the CPU.
+Each must give exactly what the plain, single-threaded path gives."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from configs.schema import SourceConfig
+from detector.bank import open_bank
+from detector.detector import Detector, resize_batch
+from detector.spade import SpadeScorer, resolve_pixel_bank
+from stream.avio import VideoInput
+from stream.frame import Frame
+from stream.sources import Source
+from tests.helpers import base_cfg, records, run, shared_env
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return shared_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def images(env):
+    with VideoInput(str(env / "clip.mp4"), "file") as v:
+        return [img for img, _ in v.frames()]
+
+
+def frames_of(images, camera="cam", prepare=None):
+    return [Frame(camera, i, i / 24.0, img, prepare(img) if prepare else None) for i, img in enumerate(images)]
+
+
+def test_score_batch_equals_score_frames_and_skips_unused_components(env, images):
+    det = Detector.load(base_cfg(), env / "bank")
+    ref = det.score_frames(frames_of(images[:16]))
+    det.reset()
+    batch = det.score_batch(frames_of(images[:16], prepare=det.prepare))
+    live = batch.results()
+    assert "regions" in ref[0].components and "regions" not in live[0].components  # map_max does not read it
+    for a, b in zip(ref, live):
+        assert a.score == b.score and a.regions == b.regions
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert {k: v for k, v in a.components.items() if k != "regions"} == b.components
+
+
+def test_score_batch_keeps_regions_component_when_the_frame_score_reads_it(env, images):
+    cfg = base_cfg()
+    cfg.detector.frame_score = "combined"
+    cfg.detector.combine = ["map_max", "regions"]
+    det = Detector.load(cfg, env / "bank")
+    assert "regions" in det.score_batch(frames_of(images[:4])).results()[0].components
+
+
+def test_prepared_inputs_are_the_batch_resize(env, images):
+    det = Detector.load(base_cfg(), env / "bank")
+    fr = frames_of(images[:5], prepare=det.prepare)
+    np.testing.assert_array_equal(det.model_inputs(fr), resize_batch(images[:5], det.dcfg.input_size))
+    np.testing.assert_array_equal(det.model_inputs(frames_of(images[:5])), det.model_inputs(fr))
+
+
+def test_source_prepares_model_inputs_on_its_thread(env):
+    size = base_cfg().detector.input_size
+    src = Source(SourceConfig(name="cam", url=str(env / "plain.mp4")),
+                 prepare=lambda img: resize_batch([img], size)[0])
+    src.start()
+    got = []
+    while True:
+        f = src.read(timeout=10.0)
+        if f is None:
+            break
+        got.append(f)
+    src.stop()
+    assert len(got) == 30
+    assert all(f.small is not None and f.small.shape == (size, size, 3) for f in got)
+    np.testing.assert_array_equal(got[3].small, resize_batch([got[3].image], size)[0])
+
+
+def test_pipeline_results_do_not_depend_on_where_inputs_are_prepared(env, tmp_path):
+    """Detector.prepare on the source threads (pipeline default) vs a detector without it."""
+    cfg = base_cfg()
+
+    class NoPrepare:  # score_frames only: the pipeline falls back to resizing on the detector thread
+        def __init__(self, det):
+            self.det, self.pixel_threshold = det, det.pixel_threshold
+
+        def score_frames(self, frames):
+            return self.det.score_frames(frames)
+
+    src = [SourceConfig(name="cam", url=str(env / "clip.mp4"))]
+    run(cfg, env / "bank", tmp_path / "a", src)
+    run(cfg, env / "bank", tmp_path / "b", src, detector=NoPrepare(Detector.load(cfg, env / "bank")))
+    a = records(tmp_path / "a" / "events.jsonl", "frame")
+    b = records(tmp_path / "b" / "events.jsonl", "frame")
+    assert len(a) == len(b) == 64
+    assert [r["score"] for r in a] == [r["score"] for r in b]
+    assert [r["regions"] for r in a] == [r["regions"] for r in b]
+
+
+def test_pixel_bank_in_memory_scores_like_disk(env, images):
+    bank = open_bank(env / "bank")
+    cfg = base_cfg()
+    det = Detector.load(cfg, env / "bank")
+    pyr, glob = det.features(resize_batch(images[:8], cfg.detector.input_size))
+    d = cfg.detector
+    kw = dict(k_image=1, k_gallery=3, kappa=1, sigma=d.sigma, input_size=d.input_size, device=torch.device("cpu"))
+    disk = SpadeScorer(bank, pixel_bank="disk", **kw)
+    mem = SpadeScorer(bank, pixel_bank="memory", **kw)
+    assert disk.resident is None and mem.resident is not None
+    assert mem.resident.dtype == torch.float16 and mem.resident.shape[0] == bank.n_frames
+    a, b = disk.score(pyr, glob), mem.score(pyr, glob)
+    torch.testing.assert_close(a.maps, b.maps, rtol=0, atol=0)
+    for sc in (disk, mem):
+        sc.spatial_window = 1
+    torch.testing.assert_close(disk.score(pyr, glob).maps, mem.score(pyr, glob).maps, rtol=0, atol=0)
+
+
+def test_pixel_bank_auto_stays_on_disk_on_a_cpu(env):
+    assert resolve_pixel_bank("auto", open_bank(env / "bank"), torch.device("cpu")) == "disk"
+
+
+def test_hwaccel_without_a_usable_device_decodes_on_the_cpu(env, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: NVDEC may really be used")
+    with VideoInput(str(env / "plain.mp4"), "file") as v:
+        soft = [img for img, _ in v.frames()]
+    with caplog.at_level(logging.WARNING, logger="stream.avio"):
+        with VideoInput(str(env / "plain.mp4"), "file", hwaccel="cuda") as v:
+            hard = [img for img, _ in v.frames()]
+    assert any("hardware decoding (cuda) unavailable" in r.getMessage() for r in caplog.records)
+    assert len(hard) == len(soft) == 30
+    np.testing.assert_array_equal(hard[7], soft[7])
+
+
+def test_hwaccel_does_not_hide_a_missing_file(tmp_path):
+    from stream.avio import InputError
+
+    with pytest.raises(InputError, match="missing.mp4"):
+        VideoInput(str(tmp_path / "missing.mp4"), "file", hwaccel="cuda")
