@@ -117,13 +117,18 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     det_c = Detector.load(cfg_cpu, bank)
     det_g = Detector.load(cfg_gpu, bank)
     bs = cfg_cpu.pipeline.max_batch
-    rel_l2, rel_max, img_rel, top1_c, top1_g = [], [], [], [], []
+    rel_l2, rel_max, img_rel, top1_c, top1_g, gaps = [], [], [], [], [], []
     t_c = t_g = 0.0
     for b0 in range(0, n, bs):
         small = resize_batch(images[b0:b0 + bs], d.input_size)
         t0 = time.perf_counter()
-        oc, _ = det_c.score_tensors(*det_c.features(small))
+        pyr_c, glob_c = det_c.features(small)
+        oc, _ = det_c.score_tensors(pyr_c, glob_c)
         t_c += time.perf_counter() - t0
+        # how close the CPU's second-nearest bank frame is to its nearest: a flipped top-1 neighbour
+        # between near-tied frames is rounding, between well-separated ones it is a bug
+        d_top2 = det_c.scorer.nearest_frames(glob_c, 2)[0].double().numpy()
+        gaps += list((d_top2[:, 1] - d_top2[:, 0]) / np.maximum(d_top2[:, 0], 1e-12))
         t0 = time.perf_counter()
         og, _ = det_g.score_tensors(*det_g.features(small))
         if det_g.device.type == "cuda":
@@ -137,11 +142,18 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
         img_rel += list(np.abs(sg - sc) / np.maximum(np.abs(sc), 1e-12))
         top1_c += list(oc.neighbours[:, 0].numpy())
         top1_g += list(og.neighbours[:, 0].cpu().numpy())
-    agree = float(np.mean(np.asarray(top1_c) == np.asarray(top1_g)))
+    same = np.asarray(top1_c) == np.asarray(top1_g)
+    agree = float(np.mean(same))
+    gaps, rel = np.asarray(gaps), np.asarray(rel_l2)
     res = {
         "frames": n, "backbone": d.backbone.name, "weights": d.backbone.weights or "pretrained",
         "input_size": d.input_size, "grid": d.grid, "gpu": torch.cuda.get_device_name() if det_g.device.type == "cuda" else "none (cpu self-check)",
         "map_rel_l2_max": float(np.max(rel_l2)), "map_rel_l2_median": float(np.median(rel_l2)),
+        # the maps of frames whose nearest bank frame is the same on both sides
+        "map_rel_l2_max_same_neighbour": float(rel[same].max()) if same.any() else None,
+        # (d2 - d1) / d1 on the CPU for the frames whose top-1 neighbour differs, and over all frames
+        "flipped_top2_gaps": [round(float(x), 6) for x in gaps[~same]],
+        "top2_gap_median": float(np.median(gaps)),
         "map_rel_maxabs_max": float(np.max(rel_max)), "image_score_rel_max": float(np.max(img_rel)),
         "top1_agreement": agree, "tol": args.tol, "min_agree": args.min_agree,
         "cpu_s": round(t_c, 3), "gpu_s": round(t_g, 3), "precision": precision,
