@@ -21,3 +21,19 @@ def avenue_root():
     if not (AVENUE / "testing" / "frames").is_dir():
         pytest.skip(f"{AVENUE} is absent (real footage is optional)")
     return AVENUE
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Footage, clips and a bank fitted with `base_cfg()`, built once per session (tests/helpers.py)."""
+    from tests.helpers import shared_env
+
+    return shared_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def detector(env):
+    from detector.detector import Detector
+    from tests.helpers import base_cfg
+
+    return Detector.load(base_cfg(), env / "bank")

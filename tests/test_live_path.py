@@ -16,12 +16,8 @@ from detector.spade import SpadeScorer, resolve_pixel_bank
 from stream.avio import VideoInput
 from stream.frame import Frame
 from stream.sources import Source
-from tests.helpers import base_cfg, records, run, shared_env
+from tests.helpers import base_cfg, records, run
 
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return shared_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,15 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import SourceConfig
-from detector.detector import Detector
 from sinks import build_sinks
 from stream.metrics import MetricsServer
 from stream.pipeline import Pipeline
-from tests.helpers import base_cfg, shared_env, wait_for
+from tests.helpers import base_cfg, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return shared_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def detector(env):
-    return Detector.load(base_cfg(), env / "bank")
 
 
 def get(url, timeout=10.0):

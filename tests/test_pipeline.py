@@ -14,14 +14,10 @@ from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
 from stream.pipeline import Pipeline
-from tests.helpers import ANOMALY, H, W, base_cfg, records, run, run_until, shared_env
+from tests.helpers import ANOMALY, H, W, base_cfg, records, run, run_until
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 
 
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return shared_env(tmp_path_factory)  # footage + bank fitted once per session (tests/helpers.py)
 
 
 def test_file_source_processes_exactly_its_frames(env, tmp_path):

@@ -18,24 +18,15 @@ import pytest
 
 import run_stream
 from configs.schema import SourceConfig
-from detector.detector import Detector
 from sinks import build_sinks
 from stream.pipeline import Pipeline
-from tests.helpers import TWO_ANOMALIES, base_cfg, records, shared_env, wait_for
+from tests.helpers import base_cfg, records, wait_for
 from tests.servers import RedisServer, SilentTcpServer, redis_available
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return shared_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def detector(env):
-    return Detector.load(base_cfg(), env / "bank")
 
 
 class GatedDetector:
