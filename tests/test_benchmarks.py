@@ -47,3 +47,25 @@ def test_bench_pipeline_quick(tmp_path):
         assert key in r, key
     assert r["frames"] == 8 and r["backbone"] == "resnet18"
     assert "bench_pipeline:" in p.stdout  # the table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_gpu_check_self_check_on_cpu(tmp_path):
+    """gpu_check.py with --device cpu compares the CPU path with itself: the harness runs end to end here
+    (the real comparison needs a GPU) and must report zero error and full neighbour agreement."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--config", str(cfg),
+           "--frames", "6", "--clip-frames", "8", "--train-frames", "12", "--size", "192x128",
+           "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    for r in rows:
+        assert r["frames"] == 6 and r["passed"] is True
+        assert r["map_rel_l2_max"] == 0.0 and r["top1_agreement"] == 1.0 and r["flipped_top2_gaps"] == []
+    assert "gpu_check: passed" in p.stdout
