@@ -41,6 +41,24 @@ class MotionConfig(Section):
                           "(0: the pixel map is appearance only; motion still feeds frame scores)")
 
 
+class CoresetConfig(Section):
+    """The pixel gallery of detector.gallery: coreset (PatchCore, Roth et al. 2022): a greedy k-centre
+    coreset of the patch features of every bank frame, selected once by `fit` (detector/coreset.py)."""
+
+    fraction: float = Field(0.01, gt=0.0, le=1.0, description="coreset size as a fraction of all bank patch "
+                            "features (bank frames x grid^2)")
+    # Scoring compares every cell with every coreset feature, so its cost grows with the size, not with the
+    # fraction; fit time grows with size x candidates (benchmarks/RESULTS.md, section 4).
+    max_size: Optional[int] = Field(10000, ge=1, description="upper bound on the coreset size (None: none)")
+    projection_dim: Optional[int] = Field(128, ge=1, le=4096, description="selection runs on a random Gaussian "
+                                          "projection to this many dimensions (None, or >= the channels: on "
+                                          "the features themselves)")
+    max_features: Optional[int] = Field(1_000_000, ge=1, description="selection candidates: a uniform random "
+                                        "subsample of at most this many bank patch features (None: all); "
+                                        "they are held in RAM as float32 x projection_dim")
+    seed: int = Field(0, ge=0, description="seeds the subsample, the projection and the first centre")
+
+
 class DetectorConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     input_size: int = Field(256, ge=32, le=1024, description="frames are resized to input_size^2")
@@ -48,6 +66,10 @@ class DetectorConfig(Section):
     k_image: int = Field(1, ge=1, description="neighbours for the image score")
     k_gallery: int = Field(1, ge=1, description="neighbour frames whose pixels form the gallery")
     kappa: int = Field(1, ge=1, description="nearest gallery features averaged per pixel")
+    # The features a cell is compared with. knn: SPADE's, all cells of the k_gallery nearest bank frames;
+    # coreset: a coreset of the cells of every bank frame, chosen at fit (needs a bank fitted with it).
+    gallery: Literal["knn", "coreset"] = "knn"
+    coreset: CoresetConfig = Field(default_factory=CoresetConfig)
     sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
     # map_max: SPADE's image-kNN score ranks real surveillance frames poorly (benchmarks/RESULTS.md)
     frame_score: FrameScore = "map_max"
@@ -74,7 +96,13 @@ class DetectorConfig(Section):
 
     @model_validator(mode="after")
     def _k_fit(self):
-        if self.kappa > self.k_gallery * self.grid * self.grid:
+        if self.gallery == "coreset":
+            if self.spatial_window is not None:
+                raise ValueError("spatial_window needs gallery: knn (coreset features are compared with every "
+                                 "cell, wherever they were taken)")
+            if self.coreset.max_size is not None and self.kappa > self.coreset.max_size:
+                raise ValueError("kappa exceeds coreset.max_size")
+        elif self.kappa > self.k_gallery * self.grid * self.grid:
             raise ValueError("kappa exceeds the number of gallery features (k_gallery * grid^2)")
         if self.spatial_window is not None and self.kappa > self.k_gallery * (2 * self.spatial_window + 1) ** 2:
             raise ValueError("kappa exceeds the gallery features inside spatial_window")

@@ -9,6 +9,10 @@ Layout of a bank directory:
                 frame are ever read, so the bank may be far larger than RAM.
   motion.npy    float32 [grid*grid, M, 3] per-cell coreset of normal flow features (only when the bank
                 was fitted with detector.motion.enabled; see detector/motion.py). Format version 2.
+  coreset.f16   float16 [M, C] raw: the pixel gallery of detector.gallery: coreset, a greedy k-centre
+                coreset of all rows of pixel.f16, in selection order (detector/coreset.py); with
+  coreset_index.npy  int32 [M, 2] (bank frame, cell) each coreset feature was taken from. Format version 3;
+                meta.json's `coreset` holds the detector.coreset settings it was built with.
 
 meta.json's calibration holds, since version 2, the frame-score components of every held-out frame
 (`holdout_components`, in time order, with `holdout_items`), so any frame score, combination or
@@ -28,15 +32,19 @@ import numpy as np
 
 from configs.errors import UserError
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no motion model, no held-out component sequences
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no motion model, no held-out component sequences; 2: no coreset
 META = "meta.json"
 GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
 FAISS = "global.faiss"
 # Values implied for metadata keys that banks written before the key existed do not carry.
 LEGACY_DEFAULTS = {"precision": "fp32"}
+# Config fields behind signature keys whose mismatch message names the field rather than the key.
+CONFIG_FIELDS = {"coreset": "detector.coreset"}
 MOTION = "motion.npy"
+CORESET = "coreset.f16"
+CORESET_INDEX = "coreset_index.npy"
 
 
 class BankWriter:
@@ -45,7 +53,7 @@ class BankWriter:
     def __init__(self, directory: Path, *, pixel_dim: int, grid: int, global_dim: int):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (META, GLOBAL, PIXEL, FAISS, MOTION):
+        for name in (META, GLOBAL, PIXEL, FAISS, MOTION, CORESET, CORESET_INDEX):
             (self.dir / name).unlink(missing_ok=True)  # never leave a stale half of an old bank
         self.pixel_dim, self.grid, self.global_dim = pixel_dim, grid, global_dim
         self._pixel = open(self.dir / (PIXEL + ".part"), "wb")
@@ -101,6 +109,29 @@ class BankWriter:
         return self.dir
 
 
+def write_coreset(directory: Path, feats: np.ndarray, index: np.ndarray, params: dict, stats: dict) -> dict:
+    """Add a coreset (float16 [M, C], int32 [M, 2]) to a finished bank; returns the updated metadata.
+
+    `params` (the detector.coreset settings) go into meta.json's `coreset`, which the bank signature of a
+    config with detector.gallery: coreset must match.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    feats = np.ascontiguousarray(feats, dtype=np.float16)
+    index = np.ascontiguousarray(index, dtype=np.int32)
+    if feats.ndim != 2 or feats.shape[1] != int(meta["pixel_dim"]) or index.shape != (len(feats), 2):
+        raise ValueError(f"coreset shapes {feats.shape} / {index.shape} do not fit pixel_dim {meta['pixel_dim']}")
+    (directory / (CORESET + ".part")).write_bytes(feats.tobytes())
+    os.replace(directory / (CORESET + ".part"), directory / CORESET)
+    np.save(directory / CORESET_INDEX, index)
+    meta["checksums"] = {**meta.get("checksums", {}), CORESET: _sha256_file(directory / CORESET),
+                         CORESET_INDEX: _sha256_file(directory / CORESET_INDEX)}
+    meta["coreset"] = dict(params)
+    meta["coreset_stats"] = dict(stats, size=len(feats))
+    write_meta(directory, meta)
+    return meta
+
+
 def write_meta(directory: Path, meta: dict) -> None:
     tmp = Path(directory) / (META + ".part")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -136,6 +167,8 @@ class MemoryBank:
     pixel_features: np.memmap  # float16 [N, grid*grid, C]
     calibration: dict = field(default_factory=dict)
     motion_model: np.ndarray | None = None  # float32 [grid*grid, M, 3]
+    coreset: np.ndarray | None = None  # float16 [M, C], in memory (small next to pixel.f16)
+    coreset_index: np.ndarray | None = None  # int32 [M, 2] (bank frame, cell)
 
     @property
     def n_frames(self) -> int:
@@ -195,6 +228,13 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
     meta = read_meta(directory)
     for key, want in (expected or {}).items():
         have = meta.get(key, LEGACY_DEFAULTS.get(key))
+        if key == "coreset" and have is None:
+            raise UserError(f"{directory}: detector.gallery is 'coreset' but this bank has no coreset (it was "
+                            "fitted with detector.gallery: knn); fit it again with this config, or set "
+                            "detector.gallery: knn")
+        if have != want and key in CONFIG_FIELDS:
+            raise UserError(f"{directory}: bank's {key} was built with {have!r} but the config gives "
+                            f"{CONFIG_FIELDS[key]}={want!r}; use a matching config or fit a new bank")
         if have != want:
             raise UserError(
                 f"{directory}: bank was built with {key}={have!r} but the config gives {key}={want!r}; "
@@ -225,4 +265,25 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
         if motion.ndim != 3 or motion.shape[0] != g * g or motion.dtype != np.float32:
             raise UserError(f"{directory / MOTION}: shape {motion.shape} {motion.dtype}, expected "
                             f"({g * g}, M, 3) float32")
-    return MemoryBank(directory, meta, glob, pixel, meta.get("calibration") or {}, motion)
+    coreset = coreset_index = None
+    if meta.get("coreset") is not None:
+        coreset, coreset_index = _load_coreset(directory, meta, c)
+    return MemoryBank(directory, meta, glob, pixel, meta.get("calibration") or {}, motion, coreset, coreset_index)
+
+
+def _load_coreset(directory: Path, meta: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    path = directory / CORESET
+    size = int((meta.get("coreset_stats") or {}).get("size", -1))
+    want_bytes = size * channels * 2
+    have_bytes = path.stat().st_size if path.is_file() else -1
+    if size < 1 or have_bytes != want_bytes:
+        raise UserError(f"{path}: {'missing' if have_bytes < 0 else f'{have_bytes} bytes'}, expected {want_bytes} "
+                        f"({size} features x {channels} channels fp16): the bank is truncated or incomplete")
+    feats = np.fromfile(path, dtype=np.float16).reshape(size, channels)
+    try:
+        index = np.load(directory / CORESET_INDEX)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{directory / CORESET_INDEX}: unreadable ({err})") from None
+    if index.shape != (size, 2):
+        raise UserError(f"{directory / CORESET_INDEX}: shape {index.shape}, expected ({size}, 2)")
+    return feats, index

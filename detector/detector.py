@@ -86,6 +86,8 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
         sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
                          "centres": d.motion.centres}
+    if d.gallery == "coreset":  # likewise: any bank serves gallery knn, only a matching coreset serves this
+        sig["coreset"] = d.coreset.model_dump(mode="json")
     return sig
 
 
@@ -122,7 +124,8 @@ class Detector:
         if bank is not None:
             self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
                                       sigma=d.sigma, input_size=d.input_size, device=device,
-                                      spatial_window=d.spatial_window, pixel_bank=d.pixel_bank)
+                                      spatial_window=d.spatial_window, pixel_bank=d.pixel_bank,
+                                      gallery=d.gallery)
             if d.motion.enabled:
                 if bank.motion_model is None:
                     raise UserError(f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
@@ -152,7 +155,7 @@ class Detector:
         fitted = bank.calibration.get("scoring")
         if fitted is not None and fitted != scoring_settings(cfg):
             now = scoring_settings(cfg)
-            diff = {k: (fitted.get(k), now[k]) for k in now if fitted.get(k) != now[k]}
+            diff = {k: (fitted.get(k), now.get(k)) for k in {**fitted, **now} if fitted.get(k) != now.get(k)}
             log.warning("%s: thresholds were calibrated with other scoring settings %s (fitted, now): "
                         "fit the bank again with this config for calibrated thresholds", bank_dir, diff)
         det.frame_calibration()  # fail now, not on the first frame, if the frame score cannot be calibrated

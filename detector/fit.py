@@ -13,7 +13,8 @@ from configs.schema import AppConfig
 import torch
 
 from detector import framescore
-from detector.bank import BankWriter, open_bank, write_meta
+from detector.bank import PIXEL, BankWriter, open_bank, write_coreset, write_meta
+from detector.coreset import build_coreset
 from detector.detector import Detector, bank_signature, resize_batch
 from detector.motion import build_motion_model
 from stream.prefetch import prefetch
@@ -160,6 +161,9 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         count_warnings=warnings,
         fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
     )
+    # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
+    # complete knn bank and is refused, by name, by a config asking for the coreset.
+    coreset_params = meta.pop("coreset", None)
     try:
         motion_model = None
         if use_motion:
@@ -167,6 +171,8 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             motion_model = build_motion_model(np.concatenate(motion_feats).astype(np.float32), mc.window, mc.centres)
             meta["motion"] = signature["motion"]
         writer.finish(meta, motion_model)
+        if coreset_params is not None:
+            fit_coreset(cfg, bank_dir, writer, device)
         bank = open_bank(bank_dir)
         meta = bank.meta
         fps = float(np.median([it.fps for it in items])) if items else 25.0
@@ -184,14 +190,31 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     return meta
 
 
+def fit_coreset(cfg: AppConfig, bank_dir: Path, writer: BankWriter, device: torch.device) -> dict:
+    """Select the coreset of a finished bank's pixel.f16 and add it to the bank (detector.gallery: coreset)."""
+    cc = cfg.detector.coreset
+    shape = (writer.n, writer.grid * writer.grid, writer.pixel_dim)
+    log.info("%s: selecting the coreset (%d patch features, fraction %g, at most %s candidates) on %s",
+             bank_dir, shape[0] * shape[1], cc.fraction, cc.max_features, device)
+    feats, index, stats = build_coreset(bank_dir / PIXEL, shape, fraction=cc.fraction, max_size=cc.max_size,
+                                        projection_dim=cc.projection_dim, max_features=cc.max_features,
+                                        seed=cc.seed, device=device)
+    log.info("%s: coreset of %d features selected in %.1f s", bank_dir, stats["size"], stats["total_s"])
+    return write_coreset(bank_dir, feats, index, cc.model_dump(mode="json"), stats)
+
+
 tail_threshold = framescore.tail_threshold  # kept here for callers that import it from fit
 
 
 def scoring_settings(cfg: AppConfig) -> dict:
     """Detector settings that change held-out scores: thresholds calibrated under others do not apply."""
     d = cfg.detector
-    return {"k_image": d.k_image, "k_gallery": d.k_gallery, "kappa": d.kappa, "sigma": d.sigma, "topq": d.topq,
-            "spatial_window": d.spatial_window, "motion_weight": d.motion.weight if d.motion.enabled else None}
+    out = {"k_image": d.k_image, "k_gallery": d.k_gallery, "kappa": d.kappa, "sigma": d.sigma, "topq": d.topq,
+           "spatial_window": d.spatial_window, "motion_weight": d.motion.weight if d.motion.enabled else None}
+    if d.gallery == "coreset":  # only then, so thresholds calibrated before the option existed still match
+        out["gallery"] = "coreset"
+        out["coreset"] = d.coreset.model_dump(mode="json")
+    return out
 
 
 def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConfig,

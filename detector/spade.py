@@ -3,6 +3,8 @@
 Image score: mean squared L2 distance from a frame's global feature to its `k_image` nearest bank frames.
 Pixel map: for every grid cell, the mean L2 distance to the `kappa` nearest features among all grid
 cells of the `k_gallery` nearest bank frames; upsampled to the input size and Gaussian-smoothed.
+With gallery "coreset" (PatchCore-style) the candidates are the bank's coreset instead: one fixed set
+of patch features drawn from every bank frame (detector/coreset.py), resident on the device.
 
 All distances are taken over the channel axis of [N, C] matrices. (The popular reference code calls
 torch.pairwise_distance on 4-D tensors, which on current PyTorch reduces over the last spatial axis.)
@@ -16,7 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from configs.errors import UserError
 from detector.bank import MemoryBank
+
+# Elements of one [query cells x coreset features] block of the coreset search (64 MB in float32).
+CORESET_BLOCK = 1 << 24
 
 
 def squared_distances(q: torch.Tensor, ref: torch.Tensor, ref_sqnorm: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,7 +131,7 @@ class SpadeScorer:
 
     def __init__(self, bank: MemoryBank, *, k_image: int, k_gallery: int, kappa: int, sigma: float,
                  input_size: int, device: torch.device, spatial_window: int | None = None,
-                 pixel_bank: str = "disk"):
+                 pixel_bank: str = "disk", gallery: str = "knn"):
         n = bank.n_frames
         self.bank = bank
         self.k_image = min(k_image, n)
@@ -139,7 +145,19 @@ class SpadeScorer:
         self.global_sqnorm = self.global_feats.pow(2).sum(-1)
         # Position awareness for fixed cameras: a cell may only match gallery cells near its own position.
         self.spatial_window = spatial_window
-        self.pixel_bank = resolve_pixel_bank(pixel_bank, bank, device)
+        self.gallery_kind = gallery
+        self.coreset = self.coreset_sqnorm = None
+        if gallery == "coreset":
+            if bank.coreset is None:
+                raise UserError(f"{bank.directory}: detector.gallery is 'coreset' but this bank has no coreset "
+                                "(fit it again with this config)")
+            # float32 on every device: the |r|^2 - 2 q.r expansion loses too much to cancellation in fp16
+            self.coreset = torch.from_numpy(np.asarray(bank.coreset)).to(device).float()
+            self.coreset_sqnorm = self.coreset.pow(2).sum(-1)
+            self.kappa = min(kappa, self.coreset.shape[0])
+            self.k_gallery = 0  # no gallery frames are read
+        # A coreset gallery reads no bank frame's pixels, so they are never loaded then.
+        self.pixel_bank = "disk" if gallery == "coreset" else resolve_pixel_bank(pixel_bank, bank, device)
         self.resident = load_resident(bank, device) if self.pixel_bank == "memory" else None
 
     def nearest_frames(self, glob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +179,8 @@ class SpadeScorer:
 
     def pixel_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest gallery features."""
+        if self.coreset is not None:
+            return self.coreset_distances(pyramid)
         if self.spatial_window is not None:
             return self.windowed_distances(pyramid, neighbours)
         b, c, g, _ = pyramid.shape
@@ -179,6 +199,31 @@ class SpadeScorer:
         else:
             best = torch.topk(partial, self.kappa, dim=-1, largest=False).values
         d2 = (best + q.pow(2).sum(-1).view(b, -1, *([1] if self.kappa > 1 else []))).clamp_min_(0.0)
+        dist = d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
+        return dist.reshape(b, g, g)
+
+    def coreset_distances(self, pyramid: torch.Tensor) -> torch.Tensor:
+        """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest coreset features.
+
+        The same fused |r|^2 - 2 q.r product as the frame gallery, over blocks of the coreset so the
+        [cells x features] matrix stays bounded whatever the coreset size; a running kappa-best is kept.
+        """
+        b, c, g, _ = pyramid.shape
+        q = pyramid.float().flatten(2).transpose(1, 2).reshape(b * g * g, c)
+        ref, ref_sqn = self.coreset, self.coreset_sqnorm
+        step = max(self.kappa, CORESET_BLOCK // max(q.shape[0], 1))
+        best = None
+        for s in range(0, ref.shape[0], step):
+            partial = torch.addmm(ref_sqn[s:s + step].unsqueeze(0), q, ref[s:s + step].T, alpha=-2.0)
+            if self.kappa == 1:
+                cur = partial.amin(dim=1)
+                best = cur if best is None else torch.minimum(best, cur)
+            else:
+                cur = torch.topk(partial, min(self.kappa, partial.shape[1]), dim=1, largest=False).values
+                both = cur if best is None else torch.cat([best, cur], dim=1)
+                best = torch.topk(both, min(self.kappa, both.shape[1]), dim=1, largest=False).values
+        qn = q.pow(2).sum(-1)
+        d2 = (best + (qn if self.kappa == 1 else qn.unsqueeze(1))).clamp_min_(0.0)
         dist = d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
         return dist.reshape(b, g, g)
 
