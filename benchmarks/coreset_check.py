@@ -43,17 +43,6 @@ def spectrum_points(n: int, d: int, seed: int, device):
     return out
 
 
-def brute(x: np.ndarray, m: int, start: int) -> np.ndarray:
-    x = x.astype(np.float64)
-    mind = np.full(len(x), np.inf)
-    picks, c = [], start
-    for _ in range(m):
-        picks.append(c)
-        mind = np.minimum(mind, ((x - x[c]) ** 2).sum(1))
-        c = int(np.argmax(mind))
-    return np.array(picks)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -69,7 +58,7 @@ def main(argv=None) -> int:
     import torch
 
     from detector.bank import MemoryBank
-    from detector.coreset import greedy_kcenter
+    from detector.coreset import greedy_kcenter, greedy_kcenter_reference
     from detector.spade import SpadeScorer
 
     dev = torch.device(args.device)
@@ -81,7 +70,7 @@ def main(argv=None) -> int:
 
     # 1. picks: device vs CPU vs float64
     small = spectrum_points(3000, 64, 1, "cpu")
-    want = brute(small.numpy(), 300, 5)
+    want = greedy_kcenter_reference(small.numpy(), 300, 5)
     got_cpu = greedy_kcenter(small.clone(), 300, 5).numpy()
     got_dev = greedy_kcenter(small.clone().to(dev), 300, 5).cpu().numpy()
     res["picks_equal_brute"] = bool((got_cpu == want).all() and (got_dev == want).all())

@@ -125,6 +125,19 @@ def greedy_kcenter(points: torch.Tensor, m: int, start: int, low_dims: int = LOW
     return picks
 
 
+def greedy_kcenter_reference(x: np.ndarray, m: int, start: int) -> np.ndarray:
+    """The textbook greedy loop in float64, every step over every point: what `greedy_kcenter` must pick
+    (tests and benchmarks/coreset_check.py compare against it)."""
+    x = x.astype(np.float64)
+    mind = np.full(len(x), np.inf)
+    picks, c = [], start
+    for _ in range(m):
+        picks.append(c)
+        mind = np.minimum(mind, ((x - x[c]) ** 2).sum(1))
+        c = int(np.argmax(mind))
+    return np.array(picks)
+
+
 def coreset_size(total: int, fraction: float, candidates: int, max_size: int | None = None) -> int:
     m = int(math.ceil(fraction * total))
     if max_size is not None:

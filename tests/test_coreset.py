@@ -18,18 +18,6 @@ from detector.spade import SpadeScorer
 from tests.test_bank import small_cfg, write_video
 
 
-def brute_kcenter(x: np.ndarray, m: int, start: int) -> np.ndarray:
-    """The textbook greedy loop in float64: every step, every point."""
-    x = x.astype(np.float64)
-    mind = np.full(len(x), np.inf)
-    picks, c = [], start
-    for _ in range(m):
-        picks.append(c)
-        mind = np.minimum(mind, ((x - x[c]) ** 2).sum(1))
-        c = int(np.argmax(mind))
-    return np.array(picks)
-
-
 @pytest.mark.parametrize("n,d,m,low_dims,start", [
     (600, 8, 60, 32, 0),        # d <= low_dims: the bound is the full distance
     (3000, 64, 400, 4, 17),     # a loose bound: many points need the full distance
@@ -39,7 +27,7 @@ def test_greedy_matches_brute_force(n, d, m, low_dims, start):
     rng = np.random.default_rng(n)
     x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d)).astype(np.float32)  # unequal spreads
     got = cs.greedy_kcenter(torch.from_numpy(x.copy()), m, start, low_dims=low_dims).numpy()
-    np.testing.assert_array_equal(got, brute_kcenter(x, m, start))
+    np.testing.assert_array_equal(got, cs.greedy_kcenter_reference(x, m, start))
 
 
 def test_greedy_stops_when_every_point_is_a_centre():
