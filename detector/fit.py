@@ -18,6 +18,7 @@ from detector.coreset import build_coreset
 from detector.detector import Detector, bank_signature, resize_batch
 from detector.motion import build_motion_model
 from stream.prefetch import prefetch
+from stream.allocator import HeapTrimmer
 from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         origins.clear()
         batch_prev.clear()
 
+    trimmer = HeapTrimmer()
     bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
     try:
         for i, f, img in _frames(items, wanted):
@@ -139,6 +141,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
                 origins.append((i, f))
                 if len(batch) >= bs:
                     flush()
+                    trimmer.maybe()
             bar.update(1)
         if batch:
             flush()
@@ -228,7 +231,9 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
     app_px, mot_px = [], []
     bs = cfg.detector.batch_size
     det.bank.calibration = {}
+    trimmer = HeapTrimmer()
     for s in range(0, len(holdout), bs):
+        trimmer.maybe()
         stack = np.stack(holdout[s:s + bs])
         pyr, glob = det.features(stack)
         motion = det.motion_features(stack, prev_u8=prev[s:s + bs]) if prev is not None else None
