@@ -359,20 +359,20 @@ class Detector:
 
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:
         """Results of a batch, every frame component included (evaluation, tests)."""
-        small = self.model_inputs(frames)
-        out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
-                                                 indices=[f.index for f in frames])
-        return self.results(frames, out, comps, scores)
+        return self.score_batch(frames, all_components=True).results()
 
-    def score_batch(self, frames: Sequence[Frame]) -> ScoredBatch:
+    def score_batch(self, frames: Sequence[Frame], all_components: bool = False) -> ScoredBatch:
         """The live path: scores now, per-frame results later (`ScoredBatch.results`, on the sink
-        thread); frame components the frame score does not read are skipped."""
+        thread); frame components the frame score does not read are skipped unless `all_components`."""
         small = self.model_inputs(frames)
         out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
-                                                 indices=[f.index for f in frames], all_components=False)
+                                                 indices=[f.index for f in frames], all_components=all_components)
+        return self.scored(frames, out, comps, scores)
+
+    def scored(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],
+               scores: np.ndarray) -> ScoredBatch:
         return ScoredBatch(self, frames, out.maps.float().cpu().numpy(), out.neighbours.cpu().numpy(), comps, scores)
 
     def results(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],
                 scores: np.ndarray) -> list[FrameResult]:
-        return ScoredBatch(self, frames, out.maps.float().cpu().numpy(), out.neighbours.cpu().numpy(),
-                           comps, scores).results()
+        return self.scored(frames, out, comps, scores).results()

@@ -106,68 +106,65 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
     holdout = FrameSpool(bank_dir / "holdout.tmp", size)
     hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if use_motion else None
-    hold_items: list[int] = []
-    motion_feats: list[np.ndarray] = []
-    batch, origins, batch_prev = [], [], []
-    last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, resized frame)
-    bs = cfg.detector.batch_size
+    try:  # the spools are temporary files: removed however fit ends
+        hold_items: list[int] = []
+        motion_feats: list[np.ndarray] = []
+        batch, origins, batch_prev = [], [], []
+        last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, resized frame)
+        bs = cfg.detector.batch_size
 
-    def flush():
-        stack = np.stack(batch)
-        pyr, glob = det.features(stack)
-        writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
-        if use_motion:
-            motion_feats.append(det.motion_features(stack, prev_u8=list(batch_prev)).astype(np.float16))
-        batch.clear()
-        origins.clear()
-        batch_prev.clear()
+        def flush():
+            stack = np.stack(batch)
+            pyr, glob = det.features(stack)
+            writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
+            if use_motion:
+                motion_feats.append(det.motion_features(stack, prev_u8=list(batch_prev)).astype(np.float16))
+            batch.clear()
+            origins.clear()
+            batch_prev.clear()
 
-    trimmer = HeapTrimmer()
-    bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
-    try:
-        for i, f, img in _frames(items, wanted):
-            small = resize_batch([img], size)[0]
-            prev = last.get(i)
-            prev_img = prev[1] if prev is not None and prev[0] == f - 1 else None
-            last[i] = (f, small)
-            if f in hold_sets[i]:
-                holdout.append(small)
-                if hold_prev is not None:
-                    hold_prev.append(prev_img)
-                hold_items.append(i)
-            elif f in bank_sets[i]:
-                batch.append(small)
-                batch_prev.append(prev_img)
-                origins.append((i, f))
-                if len(batch) >= bs:
-                    flush()
-                    trimmer.maybe()
-            bar.update(1)
-        if batch:
-            flush()
-    except BaseException:
-        writer.abort()
-        for spool in (holdout, hold_prev):
-            if spool is not None:
-                spool.close()
-        raise
-    finally:
-        bar.close()
-    warnings = [w for w in (check_counts(it) for it in items) if w]
-    meta = dict(signature)
-    meta.update(
-        weights_origin=detector_extractor.weights_origin,
-        layers="blocks 1-3 (strides 4, 8, 16)",
-        sources=[{"path": str(it.path), "kind": it.kind, "frames": it.n_frames, "decoded": it.decoded,
-                  "fps": it.fps, "selected": len(b), "holdout": len(h)}
-                 for it, b, h in zip(items, bank_idx, hold_idx)],
-        count_warnings=warnings,
-        fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
-    )
-    # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
-    # complete knn bank and is refused, by name, by a config asking for the coreset.
-    coreset_params = meta.pop("coreset", None)
-    try:
+        trimmer = HeapTrimmer()
+        bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
+        try:
+            for i, f, img in _frames(items, wanted):
+                small = resize_batch([img], size)[0]
+                prev = last.get(i)
+                prev_img = prev[1] if prev is not None and prev[0] == f - 1 else None
+                last[i] = (f, small)
+                if f in hold_sets[i]:
+                    holdout.append(small)
+                    if hold_prev is not None:
+                        hold_prev.append(prev_img)
+                    hold_items.append(i)
+                elif f in bank_sets[i]:
+                    batch.append(small)
+                    batch_prev.append(prev_img)
+                    origins.append((i, f))
+                    if len(batch) >= bs:
+                        flush()
+                        trimmer.maybe()
+                bar.update(1)
+            if batch:
+                flush()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        warnings = [w for w in (check_counts(it) for it in items) if w]
+        meta = dict(signature)
+        meta.update(
+            weights_origin=detector_extractor.weights_origin,
+            layers="blocks 1-3 (strides 4, 8, 16)",
+            sources=[{"path": str(it.path), "kind": it.kind, "frames": it.n_frames, "decoded": it.decoded,
+                      "fps": it.fps, "selected": len(b), "holdout": len(h)}
+                     for it, b, h in zip(items, bank_idx, hold_idx)],
+            count_warnings=warnings,
+            fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
+        )
+        # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
+        # complete knn bank and is refused, by name, by a config asking for the coreset.
+        coreset_params = meta.pop("coreset", None)
         motion_model = None
         if use_motion:
             mc = cfg.detector.motion
@@ -181,16 +178,16 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         fps = float(np.median([it.fps for it in items])) if items else 25.0
         if holdout:
             det = Detector(cfg, detector_extractor, bank, device)
-            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev if use_motion else None, hold_items)
+            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev, hold_items)
         else:
             log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
             meta["calibration"] = {}
+        write_meta(bank_dir, meta)
+        return meta
     finally:
         for spool in (holdout, hold_prev):
             if spool is not None:
                 spool.close()
-    write_meta(bank_dir, meta)
-    return meta
 
 
 def fit_coreset(cfg: AppConfig, bank_dir: Path, writer: BankWriter, device: torch.device) -> dict:

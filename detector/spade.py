@@ -166,8 +166,9 @@ class SpadeScorer:
         vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
         return vals, idx
 
-    def gallery(self, neighbours: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Pixel features of the union of all neighbour frames of a batch, read once, on the device."""
+    def gallery(self, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel features of the union of all neighbour frames of a batch, read once, on the device,
+        and each neighbour's row in it ([B, k_gallery])."""
         if self.resident is not None:  # no host round trip: the union is taken on the device
             uniq, inverse = torch.unique(neighbours[:, : self.k_gallery], return_inverse=True)
             return self.resident[uniq].float(), inverse
@@ -187,9 +188,8 @@ class SpadeScorer:
         q = pyramid.float().flatten(2).transpose(1, 2)  # [B, g*g, C]
         feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
         sqn = feats.pow(2).sum(-1)  # [U, g*g]
-        inv = inverse
-        gal = feats[inv].reshape(b, -1, c)  # [B, k_gallery*g*g, C]
-        gal_sqn = sqn[inv].reshape(b, -1)
+        gal = feats[inverse].reshape(b, -1, c)  # [B, k_gallery*g*g, C]
+        gal_sqn = sqn[inverse].reshape(b, -1)
         # |q|^2 is the same for every candidate of a cell, so the nearest candidates are found on
         # |r|^2 - 2 q.r alone (one fused GEMM with the norms as bias) and |q|^2 is added to the kappa
         # winners only: the [cells x candidates] matrix is written once and read once.
@@ -198,9 +198,14 @@ class SpadeScorer:
             best = partial.amin(dim=-1)
         else:
             best = torch.topk(partial, self.kappa, dim=-1, largest=False).values
-        d2 = (best + q.pow(2).sum(-1).view(b, -1, *([1] if self.kappa > 1 else []))).clamp_min_(0.0)
-        dist = d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
-        return dist.reshape(b, g, g)
+        return self._distances(best, q).reshape(b, g, g)
+
+    def _distances(self, best: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Mean L2 distance of each query row to its kappa winners, from their |r|^2 - 2 q.r values
+        (`best`: [..., M] for kappa 1, else [..., M, kappa]); q: [..., M, C]."""
+        qn = q.pow(2).sum(-1)
+        d2 = (best + (qn if self.kappa == 1 else qn.unsqueeze(-1))).clamp_min_(0.0)
+        return d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
 
     def coreset_distances(self, pyramid: torch.Tensor) -> torch.Tensor:
         """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest coreset features.
@@ -222,10 +227,7 @@ class SpadeScorer:
                 cur = torch.topk(partial, min(self.kappa, partial.shape[1]), dim=1, largest=False).values
                 both = cur if best is None else torch.cat([best, cur], dim=1)
                 best = torch.topk(both, min(self.kappa, both.shape[1]), dim=1, largest=False).values
-        qn = q.pow(2).sum(-1)
-        d2 = (best + (qn if self.kappa == 1 else qn.unsqueeze(1))).clamp_min_(0.0)
-        dist = d2.sqrt() if self.kappa == 1 else d2.sqrt().mean(-1)
-        return dist.reshape(b, g, g)
+        return self._distances(best, q).reshape(b, g, g)
 
     def windowed_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """Position-aware SPADE: each cell only matches gallery cells within `spatial_window` cells of
