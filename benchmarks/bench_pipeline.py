@@ -5,8 +5,10 @@ One generated 856x480 H.264 clip at 24 fps (the STC frame size; stream.synthetic
 bank fitted on normal footage of the same synthetic scene (same seed, generate_stc) are cached under
 --workdir. Each repeat then measures, on the same file and the same frames:
 
-  decode     PyAV, the pipeline's own reader (stream.avio.VideoInput: thread_type AUTO) to rgb24 ndarrays
-  preprocess detector.resize_batch to input_size^2 (uint8)
+  decode     PyAV, the pipeline's own reader (stream.avio.VideoInput.pictures: thread_type AUTO), frames
+             left as decoded (stream.picture), as the pipeline's sources do
+  preprocess Detector.model_inputs: each picture shrunk to input_size^2 RGB straight from the decoder's
+             planes (the sources' Detector.prepare)
   backbone   Detector.features on the resized frames, in batches of pipeline.max_batch
   scoring    features given: Detector.score_tensors + frame score + Detector.results
              (broken down as knn = SPADE distances, post = upsample + blur, frame_score, to_host,
@@ -110,10 +112,10 @@ def decode_file(clip: Path, keep: bool = True, hwaccel: str | None = None):
     t0 = time.perf_counter()
     decode_file.cpu0 = time.process_time()
     with VideoInput(str(clip), "file", hwaccel=hwaccel) as v:
-        for img, _t in v.frames():
+        for picture, _t in v.pictures():
             n += 1
             if keep:
-                frames.append(img)
+                frames.append(picture)
     decode_file.cpu_s = time.process_time() - decode_file.cpu0
     return frames, n, time.perf_counter() - t0
 
@@ -142,19 +144,18 @@ def make_sync(device):
     return lambda: None
 
 
-def isolated_pass(det, images, cfg, sinks, sync, camera="bench") -> dict:
+def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
     """Every stage in isolation on the same frames, batch by batch; seconds per stage + totals."""
     import torch
 
-    from detector.detector import frame_components, resize_batch
+    from detector.detector import frame_components
     from detector.regions import find_regions
     from detector.spade import SpadeOutput
     from stream.frame import Frame
 
     d = cfg.detector
     bs = cfg.pipeline.max_batch
-    s = d.input_size
-    frames = [Frame(camera, i, i / 24.0, img) for i, img in enumerate(images)]
+    frames = [Frame(camera, i, i / 24.0, p) for i, p in enumerate(pictures)]
     tm = Timer(sync)
     totals = {"backbone": 0.0, "scoring": 0.0, "scoring_cpu": 0.0}
     sc = det.scorer
@@ -165,7 +166,7 @@ def isolated_pass(det, images, cfg, sinks, sync, camera="bench") -> dict:
         fb = frames[b0:b0 + bs]
         cams = [f.camera_id for f in fb]
         t = tm.start()
-        small = resize_batch([f.image for f in fb], s)
+        small = det.model_inputs(fb)
         t = tm.add("preprocess", t)
         motion = None
         if det.flow is not None:
@@ -236,17 +237,16 @@ def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hw
             "cpu_ms_per_frame": cpu * 1000.0 / max(summary.frames, 1), "stage_ms": dict(summary.stage_ms)}
 
 
-def profile_pass(det, images, cfg, sync) -> dict:
+def profile_pass(det, pictures, cfg, sync) -> dict:
     """torch.profiler tables (top ops by self CPU time) of one backbone batch and its scoring."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from detector.detector import resize_batch
     from stream.frame import Frame
 
     bs = cfg.pipeline.max_batch
-    fb = [Frame("prof", i, i / 24.0, img) for i, img in enumerate(images[:bs])]
-    small = resize_batch([f.image for f in fb], cfg.detector.input_size)
+    fb = [Frame("prof", i, i / 24.0, p) for i, p in enumerate(pictures[:bs])]
+    small = det.model_inputs(fb)
     det.features(small)  # warm
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if det.device.type == "cuda" else [])
     tables = {}
@@ -269,7 +269,6 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
-    import torch
 
     from detector.detector import Detector
     from sinks import build_sinks
@@ -325,10 +324,7 @@ def main(argv=None) -> int:
             det = Detector.load(cfg, bank)
             load_cpu_s = time.process_time() - c0
             sync = make_sync(det.device)
-            with torch.inference_mode():  # warm-up: first calls build kernels / oneDNN primitives
-                from detector.detector import resize_batch
-
-                det.features(resize_batch(images[: cfg.pipeline.max_batch], d.input_size))
+            det.warm_up(cfg.pipeline.max_batch)  # first calls trace the trunk, build oneDNN primitives
         sink_dir = runs_dir / "sinks"
         shutil.rmtree(sink_dir, ignore_errors=True)
         sinks = build_sinks(cfg.sinks, cfg.alerts, sink_dir, fps_hint=float(args.fps),

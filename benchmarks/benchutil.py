@@ -107,8 +107,11 @@ def ensure_bank(cfg, footage: Path, workdir: Path):
     """(bank dir, fit info or None when cached): a bank fitted on `footage` with `cfg`, in a subprocess."""
     d = cfg.detector
     # Fields that only change how a bank is used, not its content, stay out of the key.
-    runtime_only = {"batch_size", "threads", "pixel_bank"}
-    key = short_hash({"footage": footage.name, "detector": d.model_dump(mode="json", exclude=runtime_only),
+    runtime_only = {"batch_size": True, "threads": True, "pixel_bank": True, "backbone": {"freeze": True}}
+    from stream.picture import METHOD
+
+    key = short_hash({"footage": footage.name, "resize": METHOD,
+                      "detector": d.model_dump(mode="json", exclude=runtime_only),
                       "bank": cfg.bank.model_dump(mode="json")})
     bank = workdir / "banks" / f"{d.backbone.name}_{d.input_size}_g{d.grid}_{key}"
     if (bank / "meta.json").is_file():

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     footage = bu.ensure_footage(workdir, size, args.fps, 2, args.train_frames, args.seed)
     from bench_pipeline import decode_file  # the pipeline benchmark's reader (stream.avio.VideoInput)
 
-    images = decode_file(clip)[0][: args.frames]
+    images = decode_file(clip)[0][: args.frames]  # stream.picture.Picture, as the sources decode them
     results, failed = [], []
     for precision in args.precision:
         res = compare(args, precision, images, footage, workdir)
@@ -101,7 +101,7 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     import numpy as np
     import torch
 
-    from detector.detector import Detector, resize_batch
+    from detector.detector import Detector
 
     gpu_device = args.device
     args.device = "cpu"
@@ -120,7 +120,7 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     rel_l2, rel_max, img_rel, top1_c, top1_g, gaps = [], [], [], [], [], []
     t_c = t_g = 0.0
     for b0 in range(0, n, bs):
-        small = resize_batch(images[b0:b0 + bs], d.input_size)
+        small = np.stack([p.scaled(d.input_size) for p in images[b0:b0 + bs]])
         t0 = time.perf_counter()
         pyr_c, glob_c = det_c.features(small)
         oc, _ = det_c.score_tensors(pyr_c, glob_c)

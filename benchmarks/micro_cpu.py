@@ -73,6 +73,9 @@ def main(argv=None):
 
     if want("decode"):
         import av
+        from av.video.reformatter import VideoReformatter
+
+        from stream.picture import Picture
 
         def dec(fmt_fn, n=48):
             with av.open(str(clip)) as c:
@@ -83,11 +86,15 @@ def main(argv=None):
                     if i + 1 >= n:
                         break
         res = timeit({
-            "rgb24 ndarray + ascontiguousarray (current)": lambda: dec(lambda f: np.ascontiguousarray(
+            "rgb24 ndarray + ascontiguousarray (full frame, for drawing sinks)": lambda: dec(lambda f: np.ascontiguousarray(
                 f.to_ndarray(format="rgb24"))),
             "decode only (no conversion)": lambda: dec(lambda f: None),
-            "reformat to 256x256 rgb24 in swscale": lambda: dec(lambda f: f.to_ndarray(
+            "rgb24 + cv2 INTER_AREA to 256 (before stream.picture)": lambda: dec(lambda f: resize_batch(
+                [np.ascontiguousarray(f.to_ndarray(format="rgb24"))], 256)),
+            "reformat to 256x256 rgb24 in swscale, new context per frame": lambda: dec(lambda f: f.to_ndarray(
                 width=256, height=256, format="rgb24", interpolation="AREA")),
+            "Picture.scaled(256): swscale, one reused context (current)": lambda: dec(
+                lambda f, r=VideoReformatter(): Picture(f, r).scaled(256)),
             "yuv420p planes only (gray for flow etc.)": lambda: dec(lambda f: f.to_ndarray()),
         }, max(3, args.repeats // 2))
         out["decode"] = report("decode 856x480 H.264, 48 frames", res, per=48)
@@ -95,7 +102,7 @@ def main(argv=None):
     if want("resize"):
         batch = images[:B]
         res = timeit({
-            "cv2 INTER_AREA (current)": lambda: resize_batch(batch, 256),
+            "cv2 INTER_AREA (image files; videos: see decode)": lambda: resize_batch(batch, 256),
             "cv2 INTER_LINEAR": lambda: [cv2.resize(x, (256, 256), interpolation=cv2.INTER_LINEAR) for x in batch],
             "cv2 INTER_NEAREST": lambda: [cv2.resize(x, (256, 256), interpolation=cv2.INTER_NEAREST) for x in batch],
         }, args.repeats, inner=4)

@@ -39,7 +39,7 @@ GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
 FAISS = "global.faiss"
 # Values implied for metadata keys that banks written before the key existed do not carry.
-LEGACY_DEFAULTS = {"precision": "fp32"}
+LEGACY_DEFAULTS = {"precision": "fp32", "resize": "area-from-rgb"}
 # Config fields behind signature keys whose mismatch message names the field rather than the key.
 CONFIG_FIELDS = {"coreset": "detector.coreset"}
 MOTION = "motion.npy"
@@ -232,6 +232,10 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
             raise UserError(f"{directory}: detector.gallery is 'coreset' but this bank has no coreset (it was "
                             "fitted with detector.gallery: knn); fit it again with this config, or set "
                             "detector.gallery: knn")
+        if have != want and key == "resize":
+            raise UserError(f"{directory}: this bank's frames were shrunk to the model input by another method "
+                            f"({have!r}; this version: {want!r}, stream/picture.py), so its features and "
+                            "thresholds do not match what the detector now computes; fit the bank again")
         if have != want and key in CONFIG_FIELDS:
             raise UserError(f"{directory}: bank's {key} was built with {have!r} but the config gives "
                             f"{CONFIG_FIELDS[key]}={want!r}; use a matching config or fit a new bank")

@@ -37,6 +37,8 @@ LOW_DIMS = 32
 # mind is kept as blocks of this many points with their maxima, so finding the farthest point reads the
 # block maxima and one block instead of all N values.
 BLOCK = 1024
+# Squared distances below this times (|a|^2 + |b|^2) are rounding residue of the expansion: the rows coincide.
+DUPLICATE_RTOL = 64 * float(np.finfo(np.float32).eps)
 
 
 def principal_rotation(points: torch.Tensor) -> None:
@@ -92,6 +94,10 @@ def greedy_kcenter(points: torch.Tensor, m: int, start: int, low_dims: int = LOW
     lo = points[:, :k].contiguous()  # contiguous: the per-step pass streams it
     hi = points[:, k:]  # only rows that pass the bound are read
     sq_lo, sq_hi = _sqnorms(lo), _sqnorms(hi)
+    # The expansion |a|^2 + |b|^2 - 2ab leaves a rounding residue of a few float32 epsilons times
+    # |a|^2 + |b|^2 where a row equals the centre; without this, duplicates of a centre (identical cells
+    # of static footage) looked farther than 0 on some CPUs and were picked as new centres.
+    tol = (sq_lo + sq_hi).mul_(DUPLICATE_RTOL)
     nb = -(-n // BLOCK)
     mind = torch.full((nb * BLOCK,), math.inf, dtype=torch.float32, device=dev)
     mind[n:] = -math.inf  # padding: never the farthest
@@ -107,12 +113,14 @@ def greedy_kcenter(points: torch.Tensor, m: int, start: int, low_dims: int = LOW
         cand = torch.nonzero(dl < live).flatten()
         if len(cand) > n // 4:  # early steps: nearly every row is affected, stream hi as well
             d2 = dl.add_(torch.addmv(sq_hi, hi, ch, alpha=-2.0)).add_(sq_hi[c]).clamp_min_(0.0)
+            d2.masked_fill_(d2 <= tol + tol[c], 0.0)
             torch.minimum(live, d2, out=live)
             mind[c] = 0.0
             bmax = blocks.amax(1)
         else:
             d2 = torch.addmv(sq_hi[cand], hi.index_select(0, cand), ch, alpha=-2.0)
             d2.add_(dl[cand]).add_(sq_hi[c]).clamp_min_(0.0)
+            d2.masked_fill_(d2 <= tol[cand] + tol[c], 0.0)
             mind[cand] = torch.minimum(mind[cand], d2)
             mind[c] = 0.0  # the centre itself, whatever the rounding of the expansion
             touched = torch.unique(torch.cat([cand, cand.new_tensor([c])]) // BLOCK)

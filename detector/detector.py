@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -21,20 +20,13 @@ from detector import framescore
 from detector.motion import FlowExtractor, MotionScorer
 from detector.spade import SpadeOutput, SpadeScorer
 from stream.frame import Frame
+from stream.picture import METHOD as RESIZE_METHOD
+from stream.picture import Picture, resize_rgb
 
 log = logging.getLogger(__name__)
 
 
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [S, S, 3]. INTER_AREA averages the source pixels under each target pixel (no aliasing
-    when shrinking)."""
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an RGB image [H, W, 3], got shape {img.shape}")
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return img
-    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+resize_image = resize_rgb  # uint8 [S, S, 3] from an RGB array (stream.picture)
 
 
 def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -82,6 +74,8 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
         "grid": d.grid,
         "pixel_dim": extractor.pixel_dim,
         "precision": extractor.precision,
+        # How frames are shrunk to the model input (stream.picture): from the decoder's planes by swscale.
+        "resize": RESIZE_METHOD,
     }
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
         sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
@@ -160,6 +154,13 @@ class Detector:
                         "fit the bank again with this config for calibrated thresholds", bank_dir, diff)
         det.frame_calibration()  # fail now, not on the first frame, if the frame score cannot be calibrated
         return det
+
+    def warm_up(self, batch: int) -> None:
+        """One backbone pass on a blank batch, so that the first camera frames do not wait for the trunk's
+        trace (CPU: ~1 s) or for kernel selection."""
+        s = self.dcfg.input_size
+        with torch.inference_mode():
+            self.features(np.zeros((max(1, batch), s, s, 3), dtype=np.uint8))
 
     def reset(self, camera_id: str | None = None) -> None:
         """Forget the previous frame and smoothing window of one camera (None: of all cameras)."""
@@ -344,17 +345,17 @@ class Detector:
             prev_small = [None if p is None else resize_batch([p], s)[0] for p in prev_images]
         return self._score_resized(small, [camera_id] * len(images), prev_small)
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
+    def prepare(self, picture: Picture) -> np.ndarray:
         """The model input of one decoded frame; sources call it on their own decode threads, so
         resizing runs in parallel across cameras instead of serially on the detector thread."""
-        return resize_image(image, self.dcfg.input_size)
+        return picture.scaled(self.dcfg.input_size)
 
     def model_inputs(self, frames: Sequence[Frame]) -> np.ndarray:
         s = self.dcfg.input_size
         out = np.empty((len(frames), s, s, 3), dtype=np.uint8)
         for i, f in enumerate(frames):
             small = f.small
-            out[i] = small if small is not None and small.shape == (s, s, 3) else resize_image(f.image, s)
+            out[i] = small if small is not None and small.shape == (s, s, 3) else f.picture.scaled(s)
         return out
 
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:

@@ -15,7 +15,7 @@ import torch
 from detector import framescore
 from detector.bank import PIXEL, BankWriter, open_bank, write_coreset, write_meta
 from detector.coreset import build_coreset
-from detector.detector import Detector, bank_signature, resize_batch
+from detector.detector import Detector, bank_signature
 from detector.motion import build_motion_model
 from stream.prefetch import prefetch
 from stream.allocator import HeapTrimmer
@@ -71,13 +71,14 @@ def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list
     return bank, hold
 
 
-def _frames(items: list[FootageItem], wanted: list[set[int]]) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(item index, frame index, image) of the wanted frames, decoded ahead in a thread."""
+def _frames(items: list[FootageItem], wanted: list[set[int]], size: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(item index, frame index, model input uint8 [S, S, 3]) of the wanted frames, decoded and shrunk
+    ahead in a thread, the same way as the live sources do (stream.picture)."""
     def produce():
         for i, (item, w) in enumerate(zip(items, wanted)):
             if w:
-                for f, img in iter_frames(item, w):
-                    yield i, f, img
+                for f, picture in iter_frames(item, w):
+                    yield i, f, picture.scaled(size)
 
     return prefetch(produce, maxsize=64, name="fit-decode")
 
@@ -126,8 +127,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         trimmer = HeapTrimmer()
         bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
         try:
-            for i, f, img in _frames(items, wanted):
-                small = resize_batch([img], size)[0]
+            for i, f, small in _frames(items, wanted, size):
                 prev = last.get(i)
                 prev_img = prev[1] if prev is not None and prev[0] == f - 1 else None
                 last[i] = (f, small)

@@ -20,7 +20,10 @@ import av
 import cv2
 import numpy as np
 
+from av.video.reformatter import VideoReformatter
+
 from configs.errors import UserError
+from stream.picture import Picture
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +254,9 @@ def open_input(
         raise _open_error(url, kind, exc, time.monotonic() - t0, open_timeout) from None
 
 
-def to_rgb(frame: "av.VideoFrame") -> np.ndarray:
-    """uint8 RGB [H, W, 3], C-contiguous, from any pixel format (gray, yuv444p, 10-bit, ...)."""
-    # to_ndarray returns a strided view when FFmpeg pads lines; downstream wants contiguous.
-    return np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
-
-
 class VideoInput:
-    """One opened video (file or live stream): `frames()` yields (RGB image, media time or None).
+    """One opened video (file or live stream): `pictures()` yields (Picture, media time or None),
+    `frames()` the same with each picture converted to a full-size RGB array.
 
     Use as a context manager; the container is always closed (PyAV leaks decoder memory and file
     descriptors otherwise).
@@ -269,6 +267,7 @@ class VideoInput:
         self.url, self.kind, self.name = url, kind, redact(url)
         self.open_timeout, self.read_timeout = open_timeout, read_timeout
         self._frames: Optional[Iterator] = None
+        self._reformatter = VideoReformatter()  # one swscale context for all of this input's frames
         self.decoded = 0  # frames decoded so far
         self.bad_packets = 0  # packets skipped because they failed to decode
         self.container = open_input(url, kind, open_timeout, read_timeout, rtsp_transport, hwaccel)
@@ -292,13 +291,19 @@ class VideoInput:
                 return float(rate)
         return None
 
-    def frames(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
-        """Decoded frames until end of input. A file that yields no frame at all raises InputError."""
+    def pictures(self) -> Iterator[tuple[Picture, Optional[float]]]:
+        """Decoded frames until end of input, not yet converted (stream.picture). A file that yields no
+        frame at all raises InputError. Convert each on the thread that iterates (the pictures share
+        this input's swscale context)."""
         if self._frames is None:
             self._frames = self._decode()
         return self._frames
 
-    def _decode(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
+        """(uint8 RGB [H, W, 3], media time or None) until end of input."""
+        return ((p.rgb(), t) for p, t in self.pictures())
+
+    def _decode(self) -> Iterator[tuple[Picture, Optional[float]]]:
         packets = self.container.demux(self.stream)
         bad, last_data = 0, time.monotonic()
         try:
@@ -324,7 +329,7 @@ class VideoInput:
                 for vf in decoded:
                     bad = 0
                     self.decoded += 1
-                    yield to_rgb(vf), vf.time
+                    yield Picture(vf, self._reformatter), vf.time
         finally:
             packets.close()
         if self.decoded == 0 and self.kind not in LIVE_KINDS:
@@ -408,6 +413,9 @@ class ImageFolder:
         if not self.images:
             raise InputError(url, "no images", f"expected {', '.join(IMAGE_EXTS)} files", permanent=True)
         self.fps: Optional[float] = None
+
+    def pictures(self) -> Iterator[tuple[Picture, Optional[float]]]:
+        return ((Picture(img), t) for img, t in self.frames())
 
     def frames(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
         n = 0

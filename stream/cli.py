@@ -108,6 +108,7 @@ def run_pipeline(cfg, bank: Path, out_dir: Path, duration=None, progress=True):
         names = configs.load_secrets(cfg.pipeline.secrets_file)
         log.info("secrets file %s: %d name(s) loaded", cfg.pipeline.secrets_file, len(names))
     det = Detector.load(cfg, bank)
+    det.warm_up(cfg.pipeline.max_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
     fps_hint = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
     sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=fps_hint, pixel_threshold=det.pixel_threshold)

@@ -14,8 +14,10 @@ from typing import Iterator
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from configs.errors import UserError
+from stream.picture import Picture
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,9 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def iter_frames(item: FootageItem, wanted: set[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(frame index, RGB uint8) for the wanted indices (all when None), decoding sequentially.
+def iter_frames(item: FootageItem, wanted: set[int] | None = None) -> Iterator[tuple[int, Picture]]:
+    """(frame index, picture) for the wanted indices (all when None), decoding sequentially. Convert
+    each picture on the iterating thread (they share one swscale context).
 
     For videos the decoded count is recorded on `item.decoded` and cross-checked with the demuxed
     packet count and the header; a disagreement is reported naming the file and all three counts.
@@ -132,7 +135,7 @@ def iter_frames(item: FootageItem, wanted: set[int] | None = None) -> Iterator[t
     if item.kind == "images":
         for i, p in enumerate(item.images):
             if wanted is None or i in wanted:
-                yield i, read_image(p)
+                yield i, Picture(read_image(p))
         item.decoded = len(item.images)
         return
     n = 0
@@ -140,9 +143,10 @@ def iter_frames(item: FootageItem, wanted: set[int] | None = None) -> Iterator[t
         with av.open(str(item.path)) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
+            reformatter = VideoReformatter()
             for frame in c.decode(stream):
                 if wanted is None or n in wanted:
-                    yield n, frame.to_ndarray(format="rgb24")
+                    yield n, Picture(frame, reformatter)
                 n += 1
     except (av.FFmpegError, OSError, ValueError) as err:
         if n == 0:

@@ -2,20 +2,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
+from stream.picture import Picture
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Frame:
     camera_id: str
     index: int  # 0-based index among the frames the source decoded
     timestamp: float  # wall-clock capture time (time.time()) for live sources, media time for files
-    image: np.ndarray  # uint8 RGB [H, W, 3], C-contiguous
+    # As decoded: the full-size RGB image is made only if a sink draws (stream.picture). An RGB array
+    # (uint8 [H, W, 3]) is accepted and wrapped.
+    picture: Union[Picture, np.ndarray]
     small: Optional[np.ndarray] = None  # the model input (uint8 [S, S, 3]) when the source prepared it
+
+    def __post_init__(self):
+        if isinstance(self.picture, np.ndarray):
+            object.__setattr__(self, "picture", Picture(self.picture))
+
+    @property
+    def image(self) -> np.ndarray:
+        """uint8 RGB [H, W, 3], C-contiguous (converted on first use)."""
+        return self.picture.rgb()
 
     @property
     def size(self) -> tuple[int, int]:
-        h, w = self.image.shape[:2]
-        return (w, h)
+        """(width, height) of the full frame, which region boxes refer to."""
+        return self.picture.size

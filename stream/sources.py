@@ -34,6 +34,7 @@ from configs.errors import UserError
 from configs.schema import SourceConfig
 from stream import avio
 from stream.frame import Frame
+from stream.picture import Picture
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,11 @@ class Source:
         cfg: SourceConfig,
         on_status: Optional[Callable[[StatusEvent], None]] = None,
         clock: Callable[[], float] = time.time,
-        prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        prepare: Optional[Callable[[Picture], np.ndarray]] = None,
         decode_threads: int = 0,
     ):
         self.cfg = cfg
-        # Turns each decoded image into the model input on this source's thread (Detector.prepare).
+        # Turns each decoded picture into the model input on this source's thread (Detector.prepare).
         self._prepare = prepare
         self.hwaccel = avio.resolve_hwaccel(cfg.hwaccel)
         self.decode_threads = decode_threads  # FFmpeg decoder threads; 0: one per core
@@ -354,12 +355,12 @@ class Source:
                 self._set_state(SourceState.STOPPED, "stopped")
             self._buffer.close()
 
-    def _deliver(self, image: np.ndarray, timestamp: float) -> None:
+    def _deliver(self, picture: Picture, timestamp: float) -> None:
         if self._state != SourceState.STREAMING:
-            h, w = image.shape[:2]
+            w, h = picture.size
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
-        small = self._prepare(image) if self._prepare is not None else None
-        frame = Frame(self.name, self.decoded, timestamp, image, small)
+        small = self._prepare(picture) if self._prepare is not None else None
+        frame = Frame(self.name, self.decoded, timestamp, picture, small)
         self.decoded += 1
         self.last_frame_time = self._clock()
         if not self._buffer.put(frame):
@@ -386,7 +387,7 @@ class Source:
             first_t = None
             with self._open() as src:
                 fps = src.fps or self.cfg.fps or DEFAULT_FPS
-                for image, t in src.frames():
+                for picture, t in src.pictures():
                     if self._stop.is_set():
                         raise _Stopped()
                     if period is not None:
@@ -398,7 +399,7 @@ class Source:
                         if first_t is None:
                             first_t = t
                         ts = offset + (t - first_t)  # media time from 0 at the first frame
-                    self._deliver(image, ts)
+                    self._deliver(picture, ts)
                     last_ts, n = ts, n + 1
                 damage = src.damage
             if damage:
@@ -429,9 +430,9 @@ class Source:
         while not self._stop.is_set():
             try:
                 with self._open() as src:
-                    for image, _t in src.frames():
+                    for picture, _t in src.pictures():
                         self.backoff.reset()  # a frame came through: the next failure retries fast
-                        self._deliver(image, self._clock())
+                        self._deliver(picture, self._clock())
                 problem = avio.InputError(self.cfg.url, "stream ended", "end of stream")
             except avio.InputError as err:
                 if err.permanent:

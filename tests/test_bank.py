@@ -11,6 +11,8 @@ from detector.bank import PIXEL, open_bank
 from detector.detector import Detector
 from detector.fit import fit_bank, split_holdout
 from stream.footage import select_indices
+from stream.frame import Frame
+from stream.picture import Picture
 
 
 def write_video(path, n=20, size=(96, 64), seed=0):
@@ -57,13 +59,11 @@ def test_fit_round_trip(tmp_path, videos):
     assert {s["path"].split("/")[-1] for s in meta["sources"]} == {"a.mp4", "b.mp4"}
     # a bank frame scored against its own bank is at distance ~0 (fp16 rounding of the pixel features)
     det = Detector.load(cfg, tmp_path / "bank")
-    import av as _av
-
-    with _av.open(str(videos / "a.mp4")) as c:
-        first = next(c.decode(video=0)).to_ndarray(format="rgb24")
-    out, comps, _ = det.score_images([first])
-    assert comps["image_knn"][0] < 1e-3 * cal["frame"]["image_knn"]["mean"]
-    assert float(out.maps.max()) < 0.05 * cal["pixel_threshold"] + 1e-3
+    with av.open(str(videos / "a.mp4")) as c:
+        # shrunk as fit shrank it: straight from the decoder's planes
+        res = det.score_frames([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))])[0]
+    assert res.components["image_knn"] < 1e-3 * cal["frame"]["image_knn"]["mean"]
+    assert float(res.anomaly_map.max()) < 0.05 * cal["pixel_threshold"] + 1e-3
 
 
 def test_fit_with_every_and_max_frames(tmp_path, videos):
@@ -146,3 +146,13 @@ def test_precision_mismatch_is_refused(tmp_path, videos):
     del meta["precision"]  # a bank written before the field existed was fp32
     (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
     Detector.load(small_cfg(precision="fp32"), tmp_path / "bank")
+
+
+def test_bank_shrunk_by_the_older_method_is_refused(tmp_path, videos):
+    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    assert meta["resize"] == "area-from-decoder"
+    del meta["resize"]  # banks written before the key existed shrank full RGB frames with OpenCV
+    (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"shrunk to the model input by another method \('area-from-rgb'.*fit the bank again"):
+        Detector.load(small_cfg(), tmp_path / "bank")

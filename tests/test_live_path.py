@@ -15,6 +15,7 @@ from detector.detector import Detector, resize_batch
 from detector.spade import SpadeScorer, resolve_pixel_bank
 from stream.avio import VideoInput
 from stream.frame import Frame
+from stream.picture import Picture
 from stream.sources import Source
 from tests.helpers import base_cfg, records, run
 
@@ -27,7 +28,7 @@ def images(env):
 
 
 def frames_of(images, camera="cam", prepare=None):
-    return [Frame(camera, i, i / 24.0, img, prepare(img) if prepare else None) for i, img in enumerate(images)]
+    return [Frame(camera, i, i / 24.0, img, prepare(Picture(img)) if prepare else None) for i, img in enumerate(images)]
 
 
 def test_score_batch_equals_score_frames_and_skips_unused_components(env, images):
@@ -60,8 +61,7 @@ def test_prepared_inputs_are_the_batch_resize(env, images):
 
 def test_source_prepares_model_inputs_on_its_thread(env):
     size = base_cfg().detector.input_size
-    src = Source(SourceConfig(name="cam", url=str(env / "plain.mp4")),
-                 prepare=lambda img: resize_batch([img], size)[0])
+    src = Source(SourceConfig(name="cam", url=str(env / "plain.mp4")), prepare=lambda p: p.scaled(size))
     src.start()
     got = []
     while True:
@@ -72,7 +72,11 @@ def test_source_prepares_model_inputs_on_its_thread(env):
     src.stop()
     assert len(got) == 30
     assert all(f.small is not None and f.small.shape == (size, size, 3) for f in got)
-    np.testing.assert_array_equal(got[3].small, resize_batch([got[3].image], size)[0])
+    assert all(f.picture._rgb is None for f in got)  # no full-size RGB conversion unless someone asks
+    # shrunk from the decoder's YUV planes: close to shrinking the RGB frame (they differ where chroma
+    # subsampling does: ~1 grey level on the benchmark's scene, ~4 on this clip's saturated colour noise)
+    diff = np.abs(got[3].small.astype(int) - resize_batch([got[3].image], size)[0])
+    assert diff.mean() < 6.0
 
 
 def test_pipeline_results_do_not_depend_on_where_inputs_are_prepared(env, tmp_path):
@@ -92,8 +96,12 @@ def test_pipeline_results_do_not_depend_on_where_inputs_are_prepared(env, tmp_pa
     a = records(tmp_path / "a" / "events.jsonl", "frame")
     b = records(tmp_path / "b" / "events.jsonl", "frame")
     assert len(a) == len(b) == 64
-    assert [r["score"] for r in a] == [r["score"] for r in b]
-    assert [r["regions"] for r in a] == [r["regions"] for r in b]
+    # Which frames share a batch depends on thread timing, and a frame's kNN GEMM runs against the union of
+    # its batch's neighbours: the same frame scored in another batch differs in the last float bits.
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-5)
+    for ra, rb in zip(a, b):  # [x1, y1, x2, y2, peak, area]
+        assert [g[:4] + g[5:] for g in ra["regions"]] == [g[:4] + g[5:] for g in rb["regions"]]
+        assert [g[4] for g in ra["regions"]] == pytest.approx([g[4] for g in rb["regions"]], rel=1e-4)
 
 
 def test_pixel_bank_in_memory_scores_like_disk(env, images):

@@ -1,0 +1,50 @@
+"""The traced and frozen CPU trunk gives the eager trunk's features, whatever the batch size."""
+import pytest
+import torch
+
+from configs.schema import BackboneConfig
+from detector.backbone import build_extractor
+
+
+def _images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name,weights", [("efficientnet_lite0", None), ("resnet18", "random")])
+def test_frozen_trunk_equals_eager(name, weights):
+    frozen = build_extractor(BackboneConfig(name=name, weights=weights, freeze=True), 16, torch.device("cpu"))
+    eager = build_extractor(BackboneConfig(name=name, weights=weights, freeze=False), 16, torch.device("cpu"))
+    with torch.inference_mode():
+        # traced at batch 4, then run at other batch sizes: the batch must not be baked into the graph
+        for b in (4, 1, 3):
+            x = _images(b, 128, seed=b)
+            pf, gf = frozen(x)
+            pe, ge = eager(x)
+            assert pf.shape == pe.shape == (b, frozen.pixel_dim, 16, 16)
+            assert ge.shape == (b, frozen.global_dim)
+            assert _rel(pf, pe) < 1e-4 and _rel(gf, ge) < 1e-4
+    assert len(frozen._frozen) == 1 and not eager._frozen
+
+
+def test_each_input_size_gets_its_own_trace():
+    ext = build_extractor(BackboneConfig(weights=None), 8, torch.device("cpu"))
+    eager = build_extractor(BackboneConfig(weights=None, freeze=False), 8, torch.device("cpu"))
+    with torch.inference_mode():
+        for size in (96, 160):
+            x = _images(2, size)
+            pf, gf = ext(x)
+            pe, ge = eager(x)
+            assert _rel(pf, pe) < 1e-4 and _rel(gf, ge) < 1e-4
+    assert sorted(k[1] for k in ext._frozen) == [96, 160]
+
+
+def test_bf16_runs_the_eager_trunk():
+    ext = build_extractor(BackboneConfig(weights=None), 8, torch.device("cpu"), precision="bf16")
+    with torch.inference_mode():
+        ext(_images(1, 64))
+    assert not ext._frozen
