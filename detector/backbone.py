@@ -190,7 +190,7 @@ class FeatureExtractor(nn.Module):
         self.grid = grid
         self.precision = "fp32"  # set by build_extractor
         self.freeze = cfg.freeze
-        self._frozen: dict[tuple, torch.jit.ScriptModule] = {}  # (device, H, W) -> frozen trunk
+        self._frozen: dict[tuple, torch.jit.ScriptModule] = {}  # input (H, W) -> frozen trunk (CPU only)
         self.weights_digest, self.weights_origin = self._init_weights(cfg)
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -233,7 +233,7 @@ class FeatureExtractor(nn.Module):
         # to ~3e-6 (RESULTS section 2d). Elsewhere (bf16 autocast, CUDA) the eager trunk runs: not measured.
         if not (self.freeze and self.precision == "fp32" and x.device.type == "cpu"):
             return self.trunk(x)
-        key = (str(x.device), *x.shape[2:])
+        key = tuple(x.shape[2:])
         frozen = self._frozen.get(key)
         if frozen is None:
             with warnings.catch_warnings():

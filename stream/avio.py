@@ -19,7 +19,6 @@ from urllib.parse import unquote, urlsplit
 import av
 import cv2
 import numpy as np
-
 from av.video.reformatter import VideoReformatter
 
 from configs.errors import UserError
