@@ -178,7 +178,7 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
         # scoring as the detector does it (features given)
         t = time.perf_counter()
         c = time.process_time()
-        out, comps = det.score_tensors(pyr, glob, motion)
+        out, comps = det.score_tensors(pyr, glob, motion, all_components=False)  # what the live path computes
         scores = det.smooth(cams, det.frame_scores(comps))
         results = det.results(fb, out, comps, scores)
         sync()
@@ -194,7 +194,7 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             maps = sc.upsample(dist)
             t = tm.add("post", t)
             o2 = SpadeOutput(image_scores, idx, maps)
-            c2 = frame_components(o2, d.topq, pix_t)
+            c2 = frame_components(o2, d.topq, pix_t, costly=det.costly_components_read())
             det.frame_scores(c2)
             t = tm.add("frame_score", t)
             maps_np = maps.float().cpu().numpy()

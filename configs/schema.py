@@ -90,6 +90,10 @@ class DetectorConfig(Section):
     # it is ~1.7x faster; fp32 elsewhere. Features differ by a few percent between the two, so a bank
     # records the precision it was fitted with and refuses the other.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Arithmetic that ranks a cell's candidate features (the [cells x candidates] product, SPADE's largest
+    # cost after the backbone). Distances to the winners are always exact float32. 'auto': bf16 where the
+    # backbone runs bf16 on the CPU (its features carry bf16 rounding already), fp32 elsewhere.
+    rank_precision: Literal["auto", "fp32", "bf16"] = "auto"
     pixel_bank: Literal["auto", "disk", "memory"] = Field(
         "auto", description="where the bank's pixel features live while scoring: 'disk' (memory-mapped, "
         "only each batch's neighbour frames are read), 'memory' (all of it on the scoring device), 'auto' "

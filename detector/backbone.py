@@ -256,7 +256,10 @@ class FeatureExtractor(nn.Module):
         return self.spec.global_dim
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, S, S, 3] -> (pyramid float32 [B, C, grid, grid], global float32 [B, D])."""
+        """uint8 [B, S, S, 3] -> (pyramid float32 [B, C, grid, grid], global float32 [B, D]).
+
+        The pyramid is in channels-last memory: each cell's C features contiguous, the [cells, C] rows
+        that the scorer and the bank read, so neither has to reorder it."""
         x = images_u8.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and a bank
@@ -275,7 +278,7 @@ class FeatureExtractor(nn.Module):
             elif t.shape[-1] < g:
                 t = F.interpolate(t, size=(g, g), mode="bilinear", align_corners=False)
             levels.append(t)
-        pyramid = torch.cat(levels, dim=1).contiguous()
+        pyramid = torch.cat(levels, dim=1).contiguous(memory_format=torch.channels_last)
         glob = last.float().mean(dim=(2, 3))
         return pyramid, glob
 

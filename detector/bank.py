@@ -63,10 +63,11 @@ class BankWriter:
         self.n = 0
 
     def append(self, pyramid: np.ndarray, glob: np.ndarray, origins: list[tuple[int, int]]) -> None:
-        """pyramid float [B, C, g, g]; glob float [B, D]."""
+        """pyramid float [B, C, g, g] (channels-last memory, as the backbone gives it, needs no reordering);
+        glob float [B, D]."""
         b = pyramid.shape[0]
         rows = np.ascontiguousarray(
-            pyramid.reshape(b, self.pixel_dim, self.grid * self.grid).transpose(0, 2, 1), dtype=np.float16
+            pyramid.transpose(0, 2, 3, 1).reshape(b, self.grid * self.grid, self.pixel_dim), dtype=np.float16
         )
         buf = rows.tobytes()
         self._pixel.write(buf)

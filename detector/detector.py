@@ -5,6 +5,7 @@ import logging
 import math
 import threading
 from pathlib import Path
+from collections.abc import Collection
 from typing import Sequence
 
 import numpy as np
@@ -83,12 +84,22 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
 
 
 def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf,
-                     with_regions: bool = True) -> dict[str, np.ndarray]:
-    """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore).
-    `with_regions=False` skips the `regions` component (a connected-components pass per frame)."""
+                     costly: Collection[str] = framescore.COSTLY) -> dict[str, np.ndarray]:
+    """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore); of the
+    costly ones (a sort or a connected-components pass per frame) only those named in `costly`."""
     app = out.appearance_maps if out.appearance_maps is not None else out.maps
     return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold,
-                                 with_regions=with_regions)
+                                 costly=costly)
+
+
+def rank_dtype(setting: str, backbone_precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype SpadeScorer ranks candidates in (None: float32). 'auto' ranks in bf16 only on the CPU
+    with a bf16 backbone: there a bf16 product is ~8x faster than float32 and the features are
+    bf16-rounded anyway. On a GPU float32 stays: it is not the bottleneck there and GPU-vs-CPU checks
+    compare against it."""
+    if setting == "auto":
+        setting = "bf16" if backbone_precision == "bf16" and device.type == "cpu" else "fp32"
+    return torch.bfloat16 if setting == "bf16" else None
 
 
 MOTION_FLOW_FLOOR = 0.25  # flow px/frame: the motion map's normaliser never goes below this
@@ -116,7 +127,8 @@ class Detector:
             self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
                                       sigma=d.sigma, input_size=d.input_size, device=device,
                                       spatial_window=d.spatial_window, pixel_bank=d.pixel_bank,
-                                      gallery=d.gallery)
+                                      gallery=d.gallery,
+                                      rank_dtype=rank_dtype(d.rank_precision, extractor.precision, device))
             if d.motion.enabled:
                 if bank.motion_model is None:
                     raise UserError(f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
@@ -295,9 +307,14 @@ class Detector:
             mmaps = self.scorer.upsample(self.motion_scorer.score(motion))
             final = self.combine_maps(out.maps, mmaps)
             out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=mmaps)
-        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold,
-                                 with_regions=all_components or self.uses_component("regions"))
+        costly = framescore.COSTLY if all_components else self.costly_components_read()
+        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold, costly=costly)
         return out, comps
+
+    def costly_components_read(self) -> set[str]:
+        """The costly frame components (framescore.COSTLY) that the configured frame score reads: the
+        only ones the live path computes."""
+        return {c for c in framescore.COSTLY if self.uses_component(c)}
 
     def uses_component(self, name: str) -> bool:
         """Whether the configured frame score reads component `name`."""

@@ -16,6 +16,7 @@ Test statistics are never used.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from statistics import NormalDist
 
 import cv2
@@ -51,19 +52,23 @@ def region_scores(maps: np.ndarray, threshold: float, stride: int = REGION_STRID
     return out
 
 
+# Components that cost a sort or a connected-components pass per frame; the others are one reduction.
+COSTLY = frozenset({"topq", "motion_topq", "regions"})
+
+
 def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: torch.Tensor,
                motion_maps: torch.Tensor | None, topq: float, pixel_threshold: float,
-               with_regions: bool = True) -> dict[str, np.ndarray]:
-    comps = {
-        "image_knn": image_scores,
-        "map_max": app_maps.flatten(1).amax(dim=1),
-        "topq": topq_mean(app_maps, topq),
-    }
+               costly: Collection[str] = COSTLY) -> dict[str, np.ndarray]:
+    """Every component (motion ones only with motion maps); of the COSTLY ones only those in `costly`."""
+    comps = {"image_knn": image_scores, "map_max": app_maps.flatten(1).amax(dim=1)}
+    if "topq" in costly:
+        comps["topq"] = topq_mean(app_maps, topq)
     if motion_maps is not None:
         comps["motion_max"] = motion_maps.flatten(1).amax(dim=1)
-        comps["motion_topq"] = topq_mean(motion_maps, topq)
+        if "motion_topq" in costly:
+            comps["motion_topq"] = topq_mean(motion_maps, topq)
     out = {k: v.float().cpu().numpy() for k, v in comps.items()}
-    if with_regions:
+    if "regions" in costly:
         out["regions"] = region_scores(final_maps.float().cpu().numpy(), pixel_threshold).astype(np.float32)
     return out
 

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from detector.result import Region
 
 
-def _peaks(amap: np.ndarray, labels: np.ndarray, stats: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Peak of each kept component, searched inside its bounding box only (ndimage.maximum scans the
-    whole map per call and cost more than everything else here)."""
-    out = np.empty(len(keep), dtype=np.float64)
+def _in_boxes(amap: np.ndarray, labels: np.ndarray, stats: np.ndarray, keep: np.ndarray):
+    """(peaks, means) of the kept components, each read inside its bounding box only: scipy.ndimage's
+    maximum and mean scan the whole map per call and cost more than everything else here."""
+    peaks = np.empty(len(keep), dtype=np.float64)
+    means = np.empty(len(keep), dtype=np.float64)
     for j, lab in enumerate(keep):
-        x, y, w, h, _ = stats[lab]
-        out[j] = amap[y:y + h, x:x + w].max(where=labels[y:y + h, x:x + w] == lab, initial=-np.inf)
-    return out
+        x, y, w, h, area = stats[lab]
+        box, inside = amap[y:y + h, x:x + w], labels[y:y + h, x:x + w] == lab
+        peaks[j] = box.max(where=inside, initial=-np.inf)
+        means[j] = box.sum(where=inside, dtype=np.float64) / area
+    return peaks, means
 
 
 def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int], min_area: int = 0,
@@ -39,13 +41,12 @@ def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int]
     keep = np.flatnonzero(areas >= min_area) + 1  # component labels that survive the area filter
     if keep.size == 0:
         return []
-    peaks = _peaks(amap, labels, stats, keep)
+    peaks, means = _in_boxes(amap, labels, stats, keep)
     if keep.size > max_regions:
         top = np.argpartition(-peaks, max_regions - 1)[:max_regions]
-        keep, peaks = keep[top], peaks[top]
-    means = ndimage.mean(amap, labels, keep)
+        keep, peaks, means = keep[top], peaks[top], means[top]
     out = []
-    for lab, peak, mean in zip(keep, peaks, np.atleast_1d(means)):
+    for lab, peak, mean in zip(keep, peaks, means):
         x, y, w, h, _ = stats[lab]
         out.append(Region(
             x1=int(np.floor(x * sx)), y1=int(np.floor(y * sy)),

@@ -16,6 +16,7 @@ from detector.detector import Detector
 from detector.fit import fit_bank
 from detector.spade import SpadeScorer
 from tests.test_bank import small_cfg, write_video
+from tests.test_spade import check_ranked
 
 
 @pytest.mark.parametrize("n,d,m,low_dims,start", [
@@ -93,23 +94,28 @@ def coreset_bank(tmp_path, m=50, c=40):
     return open_bank(bank_dir)
 
 
+@pytest.mark.parametrize("rank", [None, torch.bfloat16])
 @pytest.mark.parametrize("kappa,block", [(1, spade.CORESET_BLOCK), (1, 64), (3, spade.CORESET_BLOCK), (3, 64)])
-def test_coreset_distances_match_float64(tmp_path, monkeypatch, kappa, block):
+def test_coreset_distances_match_float64(tmp_path, monkeypatch, kappa, block, rank):
     monkeypatch.setattr(spade, "CORESET_BLOCK", block)  # 64: many blocks, so the running best is exercised
     bank = coreset_bank(tmp_path)
     assert bank.coreset.shape == (50, 40) and bank.coreset.dtype == np.float16
     rng = np.random.default_rng(5)
     q = rng.normal(size=(2, 40, 4, 4)).astype(np.float32)
     sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=kappa, sigma=0, input_size=4, device=torch.device("cpu"),
-                     gallery="coreset")
+                     gallery="coreset", rank_dtype=rank)
     got = sc.pixel_distances(torch.from_numpy(q), None).numpy()
     ref = bank.coreset.astype(np.float64)
     cells = q.astype(np.float64).reshape(2, 40, 16).transpose(0, 2, 1)  # [B, g*g, C]
     dist = np.sqrt(((cells[:, :, None, :] - ref[None, None]) ** 2).sum(-1))
     want = np.sort(dist, axis=-1)[..., :kappa].mean(-1).reshape(2, 4, 4)
-    np.testing.assert_allclose(got, want, rtol=1e-4)
     out = sc.score(torch.from_numpy(q), torch.from_numpy(rng.normal(size=(2, 9)).astype(np.float32)))
-    np.testing.assert_allclose(out.maps.numpy(), want, rtol=1e-4)  # input_size == grid, no blur
+    if rank is None:
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        np.testing.assert_allclose(out.maps.numpy(), want, rtol=1e-4)  # input_size == grid, no blur
+    else:  # ranked in bf16: winners measured exactly, near-ties may swap (blocks merged by ranking value)
+        check_ranked(got, want)
+        np.testing.assert_allclose(out.maps.numpy(), got, rtol=1e-6)
     assert out.neighbours.shape == (2, 1)  # only the image score's neighbours are looked up
 
 

@@ -37,19 +37,23 @@ def test_score_batch_equals_score_frames_and_skips_unused_components(env, images
     det.reset()
     batch = det.score_batch(frames_of(images[:16], prepare=det.prepare))
     live = batch.results()
-    assert "regions" in ref[0].components and "regions" not in live[0].components  # map_max does not read it
+    # map_max reads neither the regions nor the top-q component, so the live path skips both
+    assert {"regions", "topq"} <= set(ref[0].components) and not {"regions", "topq"} & set(live[0].components)
     for a, b in zip(ref, live):
         assert a.score == b.score and a.regions == b.regions
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
-        assert {k: v for k, v in a.components.items() if k != "regions"} == b.components
+        assert {k: v for k, v in a.components.items() if k not in ("regions", "topq")} == b.components
 
 
-def test_score_batch_keeps_regions_component_when_the_frame_score_reads_it(env, images):
+def test_score_batch_keeps_costly_components_the_frame_score_reads(env, images):
     cfg = base_cfg()
     cfg.detector.frame_score = "combined"
     cfg.detector.combine = ["map_max", "regions"]
     det = Detector.load(cfg, env / "bank")
-    assert "regions" in det.score_batch(frames_of(images[:4])).results()[0].components
+    assert {"regions"} == {"regions", "topq"} & set(det.score_batch(frames_of(images[:4])).results()[0].components)
+    cfg.detector.combine = ["map_max", "topq"]
+    det = Detector.load(cfg, env / "bank")
+    assert {"topq"} == {"regions", "topq"} & set(det.score_batch(frames_of(images[:4])).results()[0].components)
 
 
 def test_prepared_inputs_are_the_batch_resize(env, images):

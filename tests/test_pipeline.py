@@ -179,6 +179,11 @@ def test_rtsp_server_killed_and_restarted(env, tmp_path):
             t.join(timeout=15)
         status = [r for r in records(tmp_path / "events.jsonl", "status") if r["camera"] == "rtsp"]
         states = [r["state"] for r in status]
+        # On a loaded machine the very first open can outlast open_timeout_s (the server's first client
+        # starts its encoder): an "offline" before the first "online" is then correct, not the outage.
+        assert "online" in states, states
+        status = status[states.index("online"):]
+        states = [r["state"] for r in status]
         assert states[:3] == ["online", "offline", "online"], states
         # the offline message is stamped when the source noticed: within read_timeout_s (+ slack)
         assert status[1]["ts"] - killed_at <= src.read_timeout_s + 5.0, status[1]["ts"] - killed_at

@@ -27,3 +27,19 @@ def test_min_area_and_cap():
 
 def test_nothing_above_threshold():
     assert find_regions(np.zeros((8, 8), np.float32), 0.5, (8, 8)) == []
+
+
+def test_peaks_and_means_equal_whole_map_reference():
+    """Interleaved components whose boxes overlap: each statistic must count its own label only."""
+    import cv2
+    from scipy import ndimage
+    from scipy.ndimage import gaussian_filter
+
+    amap = gaussian_filter(np.random.default_rng(1).random((128, 128)), 3).astype(np.float32)
+    thr = float(np.quantile(amap, 0.8))
+    got = find_regions(amap, thr, (128, 128), 0, max_regions=1000)
+    n, labels, _, _ = cv2.connectedComponentsWithStats((amap >= thr).astype(np.uint8), connectivity=8)
+    assert len(got) == n - 1 > 5
+    lab = np.arange(1, n)
+    want = sorted(zip(ndimage.maximum(amap, labels, lab), ndimage.mean(amap, labels, lab)), reverse=True)
+    np.testing.assert_allclose([(r.peak, r.mean) for r in got], want, rtol=1e-6)

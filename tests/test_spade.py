@@ -108,3 +108,50 @@ def test_upsample_operator_equals_interpolate_then_blur(tmp_path, g, size, sigma
     want = F.interpolate(dist.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
     want = gaussian_blur(want, sigma)
     np.testing.assert_allclose(sc.upsample(dist).numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def check_ranked(got, want, agree=0.9):
+    """A low-precision ranking may only swap near-ties: every distance is a real candidate's, so it is
+    never below the exact kappa-nearest mean and at most slightly above it, and most cells are exact."""
+    assert np.all(got >= want * (1 - 1e-5))
+    assert np.all(got <= want * (1 + 2e-2))
+    assert np.mean(np.isclose(got, want, rtol=1e-5)) >= agree
+
+
+@pytest.mark.parametrize("k_gallery,kappa", [(1, 1), (4, 1), (5, 3)])
+def test_bf16_ranking_measures_winners_exactly(tmp_path, k_gallery, kappa):
+    bank, _, glob_bank = make_bank(tmp_path, n=12, c=24, g=8)
+    rng = np.random.default_rng(1)
+    q_pyr = rng.normal(size=(3, 24, 8, 8)).astype(np.float32)
+    q_glob = rng.normal(size=(3, 9)).astype(np.float32)
+    sc = SpadeScorer(bank, k_image=1, k_gallery=k_gallery, kappa=kappa, sigma=0, input_size=8,
+                     device=torch.device("cpu"), rank_dtype=torch.bfloat16)
+    _, idx = sc.nearest_frames(torch.from_numpy(q_glob), k_gallery)
+    got = sc.pixel_distances(torch.from_numpy(q_pyr), idx).numpy()
+    _, want = reference(np.asarray(bank.pixel_features), glob_bank, q_pyr, q_glob, 1, k_gallery, kappa)
+    check_ranked(got, want)
+
+
+def test_bf16_ranking_is_exact_without_near_ties(tmp_path):
+    """Queries near one gallery feature each: the ranking cannot swap them, and the winner's distance is
+    taken directly, so it matches float64 more closely than the float32 |q|^2 + |r|^2 - 2 q.r expansion."""
+    bank, pyr_bank, glob_bank = make_bank(tmp_path, n=3, c=16, g=8)
+    pix = np.asarray(bank.pixel_features, dtype=np.float32)  # [N, g*g, C]
+    rng = np.random.default_rng(2)
+    perm = rng.permutation(64)
+    q = (pix[1][perm] + rng.normal(scale=1e-2, size=(64, 16))).astype(np.float32)
+    q_pyr = q.T.reshape(1, 16, 8, 8)
+    sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=1, sigma=0, input_size=8, device=torch.device("cpu"),
+                     rank_dtype=torch.bfloat16)
+    got = sc.pixel_distances(torch.from_numpy(q_pyr), torch.ones(1, 1, dtype=torch.long)).numpy()
+    want = np.linalg.norm(q.astype(np.float64) - pix[1][perm].astype(np.float64), axis=1).reshape(1, 8, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting,precision,device,want", [
+    ("auto", "bf16", "cpu", torch.bfloat16), ("auto", "fp32", "cpu", None), ("auto", "bf16", "cuda", None),
+    ("fp32", "bf16", "cpu", None), ("bf16", "fp32", "cpu", torch.bfloat16)])
+def test_rank_precision_resolution(setting, precision, device, want):
+    from detector.detector import rank_dtype
+
+    assert rank_dtype(setting, precision, torch.device(device)) == want
