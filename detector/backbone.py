@@ -260,8 +260,9 @@ class FeatureExtractor(nn.Module):
 
         The pyramid is in channels-last memory: each cell's C features contiguous, the [cells, C] rows
         that the scorer and the bank read, so neither has to reorder it."""
-        x = images_u8.permute(0, 3, 1, 2).float()
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        # NHWC uint8 seen as NCHW is already channels-last; normalised in place on our own float copy
+        x = images_u8.permute(0, 3, 1, 2).to(torch.float32, copy=True)
+        x = x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
         # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and a bank
         # fitted in fp32 on a CPU would then be queried with features that are not fp32.
         strict = self.precision == "fp32" and x.device.type == "cuda"
