@@ -107,7 +107,8 @@ def ensure_bank(cfg, footage: Path, workdir: Path):
     """(bank dir, fit info or None when cached): a bank fitted on `footage` with `cfg`, in a subprocess."""
     d = cfg.detector
     # Fields that only change how a bank is used, not its content, stay out of the key.
-    runtime_only = {"batch_size": True, "threads": True, "pixel_bank": True, "backbone": {"freeze": True}}
+    # (backbone.freeze is not one: in bf16 the frozen trunk's features differ from the eager one's.)
+    runtime_only = {"batch_size": True, "threads": True, "pixel_bank": True}
     from stream.picture import METHOD
 
     key = short_hash({"footage": footage.name, "resize": METHOD,

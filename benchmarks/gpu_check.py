@@ -110,8 +110,10 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     cfg_gpu = bu.load_config(args)
     for c in (cfg_cpu, cfg_gpu):
         c.detector.precision = precision
-        # the reference ranks gallery candidates in float32, as the GPU does (CPU 'auto' ranks in bf16)
+        # the reference ranks gallery candidates in float32 and runs the eager trunk, as the GPU does (on a
+        # CPU 'auto' ranks in bf16 and the trunk is frozen, a different bf16 computation)
         c.detector.rank_precision = "fp32"
+        c.detector.backbone.freeze = False
     cfg_gpu.detector.pixel_bank = "memory"  # the GPU default (auto) on any bank that fits
     d = cfg_cpu.detector
     bank, _ = bu.ensure_bank(cfg_cpu, footage, workdir)  # fitted on the CPU

@@ -227,13 +227,22 @@ class FeatureExtractor(nn.Module):
     def _trunk(self, model: nn.Module) -> nn.Module:
         return EfficientNetTrunk(model) if self.name == "efficientnet_lite0" else ResNetTrunk(model)
 
+    @property
+    def trunk_kind(self) -> str:
+        """'frozen' where `_run_trunk` runs the traced and frozen trunk (the CPU, unless backbone.freeze is
+        false), else 'eager'. In bf16 the two are different computations (BatchNorm folded into weights
+        that are then rounded to bf16), so a bf16 bank records which one made its features."""
+        return "frozen" if self.freeze and self.mean.device.type == "cpu" else "eager"
+
     def _run_trunk(self, x: torch.Tensor):
-        # On a CPU in fp32, a traced and frozen trunk folds every BatchNorm into its convolution and drops
-        # the per-module Python dispatch: 1.7x faster for EfficientNet-Lite0 on an AVX2 CPU, features equal
-        # to ~3e-6 (RESULTS section 2d). Elsewhere (bf16 autocast, CUDA) the eager trunk runs: not measured.
-        if not (self.freeze and self.precision == "fp32" and x.device.type == "cpu"):
+        # On a CPU a traced and frozen trunk folds every BatchNorm into its convolution and drops the
+        # per-module Python dispatch. fp32: 1.7x faster for EfficientNet-Lite0 on an AVX2 CPU, features equal
+        # to ~3e-6 (RESULTS section 2d). bf16 (traced under the caller's autocast): 1.2-1.6x faster on an
+        # AMX CPU, features as far from fp32 as eager bf16's and Avenue's AUROCs equal to 0.001 (section 2e).
+        # On CUDA the eager trunk runs: not measured.
+        if not (self.freeze and x.device.type == "cpu"):
             return self.trunk(x)
-        key = tuple(x.shape[2:])
+        key = tuple(x.shape[2:])  # the precision is fixed per extractor
         frozen = self._frozen.get(key)
         if frozen is None:
             with warnings.catch_warnings():

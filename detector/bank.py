@@ -39,7 +39,7 @@ GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
 FAISS = "global.faiss"
 # Values implied for metadata keys that banks written before the key existed do not carry.
-LEGACY_DEFAULTS = {"precision": "fp32", "resize": "area-from-rgb"}
+LEGACY_DEFAULTS = {"precision": "fp32", "resize": "area-from-rgb", "bf16_trunk": "eager"}
 # Config fields behind signature keys whose mismatch message names the field rather than the key.
 CONFIG_FIELDS = {"coreset": "detector.coreset"}
 MOTION = "motion.npy"
@@ -233,6 +233,13 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
             raise UserError(f"{directory}: detector.gallery is 'coreset' but this bank has no coreset (it was "
                             "fitted with detector.gallery: knn); fit it again with this config, or set "
                             "detector.gallery: knn")
+        if have != want and key == "bf16_trunk":
+            fix = ("set detector.backbone.freeze: false to use it as it is" if want == "frozen" else
+                   "on a CPU set detector.backbone.freeze: true (a bank shared by CPU and GPU detectors is "
+                   "fitted with freeze: false)")
+            raise UserError(f"{directory}: this bank's bf16 features came from the {have} backbone trunk and this "
+                            f"detector runs the {want} one (detector.backbone.freeze, which only the CPU applies); "
+                            f"bf16 rounds the two differently: fit the bank again with this config, or {fix}")
         if have != want and key == "resize":
             raise UserError(f"{directory}: this bank's frames were shrunk to the model input by another method "
                             f"({have!r}; this version: {want!r}, stream/picture.py), so its features and "

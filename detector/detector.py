@@ -75,6 +75,8 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
         # How frames are shrunk to the model input (stream.picture): from the decoder's planes by swscale.
         "resize": RESIZE_METHOD,
     }
+    if extractor.precision == "bf16":  # only then: fp32's frozen and eager trunks agree to ~3e-6
+        sig["bf16_trunk"] = extractor.trunk_kind
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
         sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
                          "centres": d.motion.centres}

@@ -156,3 +156,28 @@ def test_bank_shrunk_by_the_older_method_is_refused(tmp_path, videos):
     (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"shrunk to the model input by another method \('area-from-rgb'.*fit the bank again"):
         Detector.load(small_cfg(), tmp_path / "bank")
+
+
+def test_bf16_bank_records_its_trunk_and_refuses_the_other(tmp_path, videos):
+    eager = small_cfg(precision="bf16")
+    eager.detector.backbone.freeze = False
+    fit_bank(eager, videos, tmp_path / "bank", progress=False)
+    meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    assert meta["bf16_trunk"] == "eager"
+    with pytest.raises(UserError, match=r"came from the eager backbone trunk and this detector runs the frozen one.*"
+                                        r"set detector.backbone.freeze: false"):
+        Detector.load(small_cfg(precision="bf16"), tmp_path / "bank")
+    Detector.load(eager, tmp_path / "bank")
+    del meta["bf16_trunk"]  # bf16 banks written before the key existed came from the eager trunk
+    (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
+    Detector.load(eager, tmp_path / "bank")
+    with pytest.raises(UserError, match="came from the eager backbone trunk"):
+        Detector.load(small_cfg(precision="bf16"), tmp_path / "bank")
+
+
+def test_fp32_banks_serve_both_trunks(tmp_path, videos):
+    fit_bank(small_cfg(precision="fp32"), videos, tmp_path / "bank", progress=False)
+    assert "bf16_trunk" not in json.loads((tmp_path / "bank" / "meta.json").read_text())
+    eager = small_cfg(precision="fp32")
+    eager.detector.backbone.freeze = False
+    Detector.load(eager, tmp_path / "bank")  # fp32's frozen and eager trunks agree to ~3e-6
