@@ -240,7 +240,7 @@ class FeatureExtractor(nn.Module):
         # to ~3e-6 (RESULTS section 2d). bf16 (traced under the caller's autocast): 1.2-1.6x faster on an
         # AMX CPU, features as far from fp32 as eager bf16's and Avenue's AUROCs equal to 0.001 (section 2e).
         # On CUDA the eager trunk runs: not measured.
-        if not (self.freeze and x.device.type == "cpu"):
+        if self.trunk_kind == "eager":
             return self.trunk(x)
         key = tuple(x.shape[2:])  # the precision is fixed per extractor
         frozen = self._frozen.get(key)

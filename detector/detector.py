@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
