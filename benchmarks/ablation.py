@@ -49,6 +49,16 @@ VARIANTS: dict[str, dict] = {
                                   "coreset": {"fraction": 0.01, "max_size": 10000}}},
     "coreset_3pct": {"detector": {"frame_score": "map_max", "gallery": "coreset",
                                   "coreset": {"fraction": 0.03, "max_size": None}}},
+    # appearance weighted by where things move (configs.schema.MovingConfig)
+    "moving_max": {"detector": {"frame_score": "moving_max"}},
+    "moving_max_static0": {"detector": {"frame_score": "moving_max", "moving": {"static_weight": 0.0}}},
+    "map_max+smooth5": {"detector": {"frame_score": "map_max", "smooth_window": 5}},
+    "moving_max+smooth5": {"detector": {"frame_score": "moving_max", "smooth_window": 5}},  # the default
+    "coreset_1pct+moving_max": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
+                                             "coreset": {"fraction": 0.01, "max_size": 10000}}},
+    "coreset_1pct+moving_max+smooth5": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
+                                                     "coreset": {"fraction": 0.01, "max_size": 10000},
+                                                     "smooth_window": 5}},
 }
 DEFAULT_SET = list(VARIANTS)
 
@@ -73,6 +83,7 @@ def fit_key(cfg) -> str:
     d = cfg.detector
     return json.dumps({"backbone": d.backbone.model_dump(), "input_size": d.input_size, "grid": d.grid,
                        "motion": d.motion.model_dump() if d.motion.enabled else None,
+                       "moving": d.moving.model_dump() if "moving_max" in d.components_used() else None,
                        "coreset": d.coreset.model_dump() if d.gallery == "coreset" else None,
                        "combine": d.combine, "bank": cfg.bank.model_dump(),
                        # thresholds are calibrated under the scoring settings: a bank per setting

@@ -11,8 +11,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BackboneName = Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
-FrameScore = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq", "combined"]
-Component = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq"]
+FrameScore = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq", "moving_max",
+                     "combined"]
+Component = Literal["image_knn", "map_max", "topq", "regions", "motion_max", "motion_topq", "moving_max"]
 
 
 class Section(BaseModel):
@@ -45,6 +46,27 @@ class MotionConfig(Section):
                           "(0: the pixel map is appearance only; motion still feeds frame scores)")
 
 
+class MovingConfig(Section):
+    """The frame score 'moving_max': the appearance map weighted by where things move, then its maximum.
+
+    A fixed camera's static content is its background: novel appearance that does not move (a person
+    standing, a changed shop window, lighting) is weaker evidence than novel appearance in motion, which
+    is how most surveillance anomalies show (running, cycling, throwing, fighting, vehicles). A cell moves
+    when its optical-flow magnitude (DIS, detector.motion's flow_size and preset) exceeds `noise_factor`
+    times the camera's noise floor: the median cell flow magnitude of its held-out normal frames, measured
+    at fit (most cells of a fixed camera are static, so the median is what static cells show). The weight
+    rises linearly from `static_weight` (no motion) to 1 (at the moving threshold). The pixel map is
+    unchanged."""
+
+    static_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of appearance evidence where "
+                                 "nothing moves (1: the gate is off, moving_max = map_max)")
+    noise_factor: float = Field(2.0, gt=0.0, description="a cell moves when its flow magnitude reaches this "
+                                "multiple of the held-out median cell flow magnitude")
+    # Appearance evidence spreads beyond the moving pixels (receptive fields, the Gaussian), and a moving
+    # person's body moves less than the limbs: the motion mask is widened by this many feature cells.
+    dilate: int = Field(2, ge=0, le=16, description="cells by which the moving area is widened")
+
+
 class CoresetConfig(Section):
     """The pixel gallery of detector.gallery: coreset (PatchCore, Roth et al. 2022): a greedy k-centre
     coreset of the patch features of every bank frame, selected once by `fit` (detector/coreset.py)."""
@@ -75,8 +97,9 @@ class DetectorConfig(Section):
     gallery: Literal["knn", "coreset"] = "knn"
     coreset: CoresetConfig = Field(default_factory=CoresetConfig)
     sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
-    # map_max: SPADE's image-kNN score ranks real surveillance frames poorly (benchmarks/RESULTS.md)
-    frame_score: FrameScore = "map_max"
+    # SPADE's image-kNN score ranks real surveillance frames poorly; the map maximum better, weighted by
+    # where things move better still (moving_max; benchmarks/RESULTS.md, section 4)
+    frame_score: FrameScore = "moving_max"
     topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
     # 'combined': the mean of these components, each as a z-score against held-out normal frames.
     combine: list[Component] = Field(default_factory=lambda: ["map_max", "topq"], min_length=1)
@@ -84,8 +107,11 @@ class DetectorConfig(Section):
     # r = a query cell only matches gallery cells within r cells of its own position (fixed cameras).
     spatial_window: Optional[int] = Field(None, ge=0, le=64)
     motion: MotionConfig = Field(default_factory=MotionConfig)
-    # Causal moving average of the frame score over the last N frames of each camera (1: off).
-    smooth_window: int = Field(1, ge=1, le=1000)
+    moving: MovingConfig = Field(default_factory=MovingConfig)
+    # Causal moving average of the frame score over the last N frames of each camera (1: off). A few frames
+    # (5: ~0.2 s at 25 fps) average out single-frame flicker of flow and appearance evidence while an
+    # anomaly, which lasts longer, keeps its level; alerts are delayed by at most that long.
+    smooth_window: int = Field(5, ge=1, le=1000)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     # Backbone arithmetic. 'auto': bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where
     # it is ~1.7x faster; fp32 elsewhere. Features differ by a few percent between the two, so a bank
@@ -115,10 +141,19 @@ class DetectorConfig(Section):
         if self.spatial_window is not None and self.kappa > self.k_gallery * (2 * self.spatial_window + 1) ** 2:
             raise ValueError("kappa exceeds the gallery features inside spatial_window")
         needs_motion = {"motion_max", "motion_topq"}
-        used = set(self.combine) if self.frame_score == "combined" else {self.frame_score}
+        used = self.components_used()
         if used & needs_motion and not self.motion.enabled:
             raise ValueError(f"{sorted(used & needs_motion)} need detector.motion.enabled: true")
         return self
+
+    def components_used(self) -> set[str]:
+        """The frame components the configured frame score reads."""
+        return set(self.combine) if self.frame_score == "combined" else {self.frame_score}
+
+    @property
+    def needs_flow(self) -> bool:
+        """Whether frames need optical flow: for the motion model or for the moving_max frame score."""
+        return self.motion.enabled or "moving_max" in self.components_used()
 
 
 class BankConfig(Section):

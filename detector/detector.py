@@ -18,7 +18,7 @@ from detector.bank import MemoryBank, open_bank
 from detector.regions import find_regions
 from detector.result import FrameResult
 from detector import framescore
-from detector.motion import FlowExtractor, MotionScorer
+from detector.motion import FlowExtractor, MotionScorer, MovingGate
 from detector.spade import SpadeOutput, SpadeScorer
 from stream.frame import Frame
 from stream.picture import METHOD as RESIZE_METHOD
@@ -86,12 +86,13 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
 
 
 def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf,
-                     costly: Collection[str] = framescore.COSTLY) -> dict[str, np.ndarray]:
+                     costly: Collection[str] = framescore.COSTLY,
+                     moving_weights: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore); of the
     costly ones (a sort or a connected-components pass per frame) only those named in `costly`."""
     app = out.appearance_maps if out.appearance_maps is not None else out.maps
     return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold,
-                                 costly=costly)
+                                 costly=costly, moving_weights=moving_weights)
 
 
 def rank_dtype(setting: str, backbone_precision: str, device: torch.device) -> torch.dtype | None:
@@ -123,7 +124,7 @@ class Detector:
         self.bank = bank
         self.scorer = None
         d = self.dcfg
-        self.flow = FlowExtractor(d.motion.flow_size, d.grid, d.motion.preset) if d.motion.enabled else None
+        self.flow = FlowExtractor(d.motion.flow_size, d.grid, d.motion.preset) if d.needs_flow else None
         self.motion_scorer = None
         if bank is not None:
             self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
@@ -141,6 +142,15 @@ class Detector:
         self._prev: dict[str, tuple[int, np.ndarray]] = {}  # camera -> (frame index, flow gray)
         self._smoother = framescore.CausalSmoother(d.smooth_window)
         self._frame_cal: dict | None = None
+        self.moving_gate: MovingGate | None = None
+        if bank is not None and "moving_max" in d.components_used() and "flow_noise" in bank.calibration:
+            self.set_flow_noise(bank.calibration["flow_noise"])
+
+    def set_flow_noise(self, noise: float) -> None:
+        """Arm the moving_max gate with the camera's flow noise floor (fit measures it on the normal footage)."""
+        m = self.dcfg.moving
+        self.moving_gate = MovingGate(float(noise), m.noise_factor, m.static_weight, m.dilate,
+                                      self.dcfg.input_size, self.device)
 
     # construction -------------------------------------------------------------------------------
     @staticmethod
@@ -155,6 +165,9 @@ class Detector:
         extractor, device = cls.build_extractor(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
         det = cls(cfg, extractor, bank, device)
+        if "moving_max" in cfg.detector.components_used() and det.moving_gate is None:
+            raise UserError(f"{bank_dir}: frame score 'moving_max' needs the flow noise floor of the normal footage, "
+                            "which this bank lacks: it was fitted without moving_max (fit it again with this config)")
         from detector.fit import scoring_settings  # fit imports this module
 
         fitted = bank.calibration.get("scoring")
@@ -310,7 +323,12 @@ class Detector:
             final = self.combine_maps(out.maps, mmaps)
             out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=mmaps)
         costly = framescore.COSTLY if all_components else self.costly_components_read()
-        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold, costly=costly)
+        weights = None
+        if self.moving_gate is not None:  # armed only when the frame score reads moving_max
+            if motion is None:  # no previous frame: nothing is known to move
+                motion = np.zeros((pyramid.shape[0], self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+            weights = self.moving_gate(motion)
+        comps = frame_components(out, self.dcfg.topq, self.pixel_threshold, costly=costly, moving_weights=weights)
         return out, comps
 
     def costly_components_read(self) -> set[str]:
@@ -320,8 +338,7 @@ class Detector:
 
     def uses_component(self, name: str) -> bool:
         """Whether the configured frame score reads component `name`."""
-        d = self.dcfg
-        return d.frame_score == name or (d.frame_score == "combined" and name in d.combine)
+        return name in self.dcfg.components_used()
 
     def frame_scores(self, comps: dict[str, np.ndarray]) -> np.ndarray:
         """The configured frame score (before smoothing); 'combined' is the mean held-out z-score of

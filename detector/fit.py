@@ -16,7 +16,7 @@ from detector import framescore
 from detector.bank import PIXEL, BankWriter, open_bank, write_coreset, write_meta
 from detector.coreset import build_coreset
 from detector.detector import Detector, bank_signature
-from detector.motion import build_motion_model
+from detector.motion import build_motion_model, flow_noise, frame_flow_medians
 from stream.prefetch import prefetch
 from stream.allocator import HeapTrimmer
 from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices
@@ -102,14 +102,15 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     bank_sets = [set(x) for x in bank_idx]
     hold_sets = [set(x) for x in hold_idx]
     wanted = [b | h for b, h in zip(bank_sets, hold_sets)]
-    use_motion = cfg.detector.motion.enabled
-    if use_motion:  # motion needs each selected frame's true predecessor t-1
+    use_motion = cfg.detector.motion.enabled  # the bank gets a normal-flow model
+    if cfg.detector.needs_flow:  # flow needs each selected frame's true predecessor t-1
         wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
     holdout = FrameSpool(bank_dir / "holdout.tmp", size)
-    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if use_motion else None
+    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if cfg.detector.needs_flow else None
     try:  # the spools are temporary files: removed however fit ends
         hold_items: list[int] = []
         motion_feats: list[np.ndarray] = []
+        flow_medians: list[np.ndarray] = []  # bank frames' median cell flow (the moving gate's noise floor)
         batch, origins, batch_prev = [], [], []
         last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, resized frame)
         bs = cfg.detector.batch_size
@@ -118,8 +119,12 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             stack = np.stack(batch)
             pyr, glob = det.features(stack)
             writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
-            if use_motion:
-                motion_feats.append(det.motion_features(stack, prev_u8=list(batch_prev)).astype(np.float16))
+            if hold_prev is not None:
+                feats = det.motion_features(stack, prev_u8=list(batch_prev))
+                known = np.array([p is not None for p in batch_prev], dtype=bool)
+                flow_medians.append(frame_flow_medians(feats[known]))
+                if use_motion:
+                    motion_feats.append(feats.astype(np.float16))
             batch.clear()
             origins.clear()
             batch_prev.clear()
@@ -178,10 +183,13 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
         fps = float(np.median([it.fps for it in items])) if items else 25.0
         if holdout:
             det = Detector(cfg, detector_extractor, bank, device)
-            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev, hold_items)
+            medians = np.concatenate(flow_medians) if flow_medians else None
+            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev, hold_items, medians)
         else:
             log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
             meta["calibration"] = {}
+            if flow_medians:  # moving_max needs only the noise floor, which bank frames give as well
+                meta["calibration"]["flow_noise"] = flow_noise(np.concatenate(flow_medians))
         write_meta(bank_dir, meta)
         return meta
     finally:
@@ -211,6 +219,9 @@ def scoring_settings(cfg: AppConfig) -> dict:
     d = cfg.detector
     out = {"k_image": d.k_image, "k_gallery": d.k_gallery, "kappa": d.kappa, "sigma": d.sigma, "topq": d.topq,
            "spatial_window": d.spatial_window, "motion_weight": d.motion.weight if d.motion.enabled else None}
+    if "moving_max" in d.components_used():  # only then, so thresholds calibrated before it still match
+        out["moving"] = d.moving.model_dump(mode="json") | {"flow_size": d.motion.flow_size,
+                                                            "preset": d.motion.preset}
     if d.gallery == "coreset":  # only then, so thresholds calibrated before the option existed still match
         out["gallery"] = "coreset"
         out["coreset"] = d.coreset.model_dump(mode="json")
@@ -218,8 +229,12 @@ def scoring_settings(cfg: AppConfig) -> dict:
 
 
 def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConfig,
-              prev: list[np.ndarray | None] | None = None, items: list[int] | None = None) -> dict:
+              prev: list[np.ndarray | None] | None = None, items: list[int] | None = None,
+              flow_medians: np.ndarray | None = None) -> dict:
     """Score held-out normal frames against the finished bank; store what thresholds need.
+
+    With `prev` (each held-out frame's predecessor) and a detector that computes flow, the flow noise
+    floor is measured on the held-out frames plus `flow_medians` (the bank frames' median cell flow).
 
     Stores per-component statistics and, since bank format 2, the component values of every held-out
     frame in time order, so the detector can calibrate any frame score / smoothing when it loads.
@@ -229,12 +244,21 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
     bs = cfg.detector.batch_size
     det.bank.calibration = {}
     trimmer = HeapTrimmer()
-    for s in range(0, len(holdout), bs):
+    flows, noise = None, None
+    if prev is not None and det.flow is not None:  # flow first: the moving gate needs the noise floor
+        flows, medians = [], [] if flow_medians is None else [np.asarray(flow_medians, dtype=np.float32)]
+        for s in range(0, len(holdout), bs):
+            before = prev[s:s + bs]
+            flows.append(det.motion_features(np.stack(holdout[s:s + bs]), prev_u8=before))
+            medians.append(frame_flow_medians(flows[-1][np.array([p is not None for p in before], dtype=bool)]))
+        noise = flow_noise(np.concatenate(medians))
+        if "moving_max" in cfg.detector.components_used():
+            det.set_flow_noise(noise)
+    for j, s in enumerate(range(0, len(holdout), bs)):
         trimmer.maybe()
         stack = np.stack(holdout[s:s + bs])
         pyr, glob = det.features(stack)
-        motion = det.motion_features(stack, prev_u8=prev[s:s + bs]) if prev is not None else None
-        out, comps = det.score_tensors(pyr, glob, motion)
+        out, comps = det.score_tensors(pyr, glob, flows[j] if flows is not None else None)
         for k, v in comps.items():
             comps_all.setdefault(k, []).append(v)
         app = out.appearance_maps if out.appearance_maps is not None else out.maps
@@ -274,6 +298,8 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
     }
     if norm is not None:
         cal["pixel_norm"] = norm
+    if noise is not None:
+        cal["flow_noise"] = noise
     cal["scoring"] = scoring_settings(cfg)
     det.bank.calibration = cal
     return cal

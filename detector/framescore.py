@@ -8,6 +8,7 @@ Components (each [B], higher = more anomalous):
                as its size x mean excess over the threshold (0 when nothing exceeds it)
   motion_max   maximum of the motion map (distance to normal flow here)
   motion_topq  mean of the top `topq` fraction of the motion map
+  moving_max   maximum of the appearance map weighted by where things move (configs.schema.MovingConfig)
 
 'combined' is the mean of the configured components, each as a z-score against the same camera's
 held-out normal frames (the contiguous tail of the normal footage that fit keeps out of the bank).
@@ -58,9 +59,13 @@ COSTLY = frozenset({"topq", "motion_topq", "regions"})
 
 def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: torch.Tensor,
                motion_maps: torch.Tensor | None, topq: float, pixel_threshold: float,
-               costly: Collection[str] = COSTLY) -> dict[str, np.ndarray]:
-    """Every component (motion ones only with motion maps); of the COSTLY ones only those in `costly`."""
+               costly: Collection[str] = COSTLY, moving_weights: torch.Tensor | None = None
+               ) -> dict[str, np.ndarray]:
+    """Every component (motion ones only with motion maps, moving_max only with moving weights); of the
+    COSTLY ones only those in `costly`."""
     comps = {"image_knn": image_scores, "map_max": app_maps.flatten(1).amax(dim=1)}
+    if moving_weights is not None:
+        comps["moving_max"] = (app_maps * moving_weights).flatten(1).amax(dim=1)
     if "topq" in costly:
         comps["topq"] = topq_mean(app_maps, topq)
     if motion_maps is not None:

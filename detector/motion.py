@@ -121,3 +121,41 @@ class MotionScorer:
         m = self.model
         d2 = q.pow(2).sum(-1, keepdim=True) + m.pow(2).sum(-1).unsqueeze(0) - 2 * torch.einsum("bgd,gmd->bgm", q, m)
         return d2.amin(-1).clamp_min(0).sqrt().reshape(b, g, g)
+
+
+FLOW_NOISE_FLOOR = 1e-3  # flow px/frame: a noiseless (e.g. rendered) camera's median cell flow can be 0
+
+
+def frame_flow_medians(cells: np.ndarray) -> np.ndarray:
+    """Each frame's median cell flow magnitude: [N, g, g, 3] cell features -> float32 [N]."""
+    c = np.asarray(cells, dtype=np.float32)
+    return np.median(c[..., 2].reshape(len(c), -1), axis=1).astype(np.float32)
+
+
+def flow_noise(frame_medians: np.ndarray) -> float:
+    """A camera's flow noise floor: the median over normal frames of each frame's median cell flow
+    magnitude. Most cells of a fixed camera are static in most frames, so this is what static cells show
+    (sensor noise, compression, flicker), in the camera's own resolution and frame rate."""
+    m = np.asarray(frame_medians, dtype=np.float32)
+    return float(max(np.median(m), FLOW_NOISE_FLOOR)) if m.size else FLOW_NOISE_FLOOR
+
+
+class MovingGate:
+    """Flow cell features -> per-pixel weights in [static_weight, 1] for the moving_max frame score
+    (configs.schema.MovingConfig): 1 where a cell, or one within `dilate` cells, moves faster than
+    noise_factor x the camera's noise floor; static_weight where nothing moves; linear in between."""
+
+    def __init__(self, noise: float, noise_factor: float, static_weight: float, dilate: int, size: int,
+                 device: torch.device):
+        self.moving = max(noise, FLOW_NOISE_FLOOR) * noise_factor
+        self.static_weight, self.dilate, self.size, self.device = static_weight, dilate, size, device
+
+    def __call__(self, cells: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, g, g, 3] flow cell features -> float32 [B, size, size] weights."""
+        mag = torch.as_tensor(cells, dtype=torch.float32, device=self.device)[..., 2].unsqueeze(1)
+        if self.dilate:
+            k = 2 * self.dilate + 1
+            mag = F.max_pool2d(mag, k, stride=1, padding=self.dilate)
+        gate = (mag / self.moving).clamp_(max=1.0)
+        w = self.static_weight + (1.0 - self.static_weight) * gate
+        return F.interpolate(w, size=(self.size, self.size), mode="bilinear", align_corners=False).squeeze(1)

@@ -88,7 +88,7 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     pix_video = {v.name: PixelAuroc() for v in videos}
     by_name = {v.name: v for v in videos}
     masks_cache: dict[str, np.ndarray | None] = {}
-    with_prev = cfg.detector.motion.enabled and every > 1
+    with_prev = cfg.detector.needs_flow and every > 1
     batches = prefetch(lambda: _batches(videos, every, cfg.detector.batch_size, with_prev), maxsize=4,
                        name="eval-read")
     t0 = time.perf_counter()
@@ -159,7 +159,9 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
         "n_videos_macro": len(macro),
         "every": every,
         "frame_score": cfg.detector.frame_score,
-        "smoothing": {"mode": smoothing, "window": window},
+        # detector_causal_window: the live causal mean (detector.smooth_window) already in every frame
+        # score; mode/window: the extra offline smoothing of `eval --smooth`, applied on top of it
+        "smoothing": {"mode": smoothing, "window": window, "detector_causal_window": cfg.detector.smooth_window},
         "component_auroc_micro": {k: auroc(labels, np.concatenate(v)) for k, v in comps_all.items()},
         "threshold": thr,
         "at_threshold": {

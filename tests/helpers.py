@@ -57,7 +57,7 @@ def write(path, frames, fps=24):
 def base_cfg(**pipeline):
     return configs.parse({
         "detector": {"backbone": {"name": "efficientnet_lite0"}, "input_size": 128, "grid": 16,
-                     "batch_size": 8, "frame_score": "map_max"},
+                     "batch_size": 8, "frame_score": "map_max", "smooth_window": 1},
         "bank": {"holdout": 0.25, "max_frames": None, "target_false_alarms_per_hour": 1.0},
         "regions": {"min_area": 16},
         "alerts": {"min_duration_s": 0.1, "exit_duration_s": 0.2},

@@ -63,7 +63,7 @@ def test_threshold_follows_frame_score_and_smoothing(tmp_path):
                                               "topq": list(rng.normal(5, 0.5, 200))}}
 
     def thr(**det):
-        cfg = configs.parse({"detector": det})
+        cfg = configs.parse({"detector": {"smooth_window": 1, **det}})
         d = Detector.__new__(Detector)
         d.cfg, d.dcfg, d.bank, d._frame_cal = cfg, cfg.detector, FakeBank(), None
         return d.frame_threshold
