@@ -18,7 +18,7 @@ from detector.bank import MemoryBank, open_bank
 from detector.regions import find_regions
 from detector.result import FrameResult
 from detector import framescore
-from detector.motion import FlowExtractor, MotionScorer, MovingGate
+from detector.motion import FlowExtractor, FlowTracker, MotionScorer, MovingGate
 from detector.spade import SpadeOutput, SpadeScorer
 from stream.frame import Frame
 from stream.picture import METHOD as RESIZE_METHOD
@@ -360,9 +360,10 @@ class Detector:
             return np.array([self._smoother(c, v) for c, v in zip(camera_ids, scores)])
 
     def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None,
-                       all_components: bool = True):
+                       all_components: bool = True, motion: np.ndarray | None = None):
         pyr, glob = self.features(small)
-        motion = self.motion_features(small, cams, prev_small, indices)
+        if motion is None:
+            motion = self.motion_features(small, cams, prev_small, indices)
         out, comps = self.score_tensors(pyr, glob, motion, all_components=all_components)
         return out, comps, self.smooth(cams, self.frame_scores(comps))
 
@@ -377,6 +378,30 @@ class Detector:
         if prev_images is not None and self.flow is not None:
             prev_small = [None if p is None else resize_batch([p], s)[0] for p in prev_images]
         return self._score_resized(small, [camera_id] * len(images), prev_small)
+
+    def flow_tracker(self) -> FlowTracker | None:
+        """A new per-source flow state for a source's decode thread (None: the frame score needs no flow)."""
+        if self.flow is None:
+            return None
+        m = self.dcfg.motion
+        return FlowTracker(FlowExtractor(m.flow_size, self.dcfg.grid, m.preset))
+
+    def frame_motion(self, frames: Sequence[Frame], small: np.ndarray) -> np.ndarray | None:
+        """Flow cell features [B, g, g, 3] of a batch: the sources' where they computed them, else from
+        each camera's previous frame seen here (None when the frame score needs no flow)."""
+        if self.flow is None:
+            return None
+        missing = [i for i, f in enumerate(frames) if f.flow is None]
+        if len(missing) == len(frames):
+            return self.motion_features(small, [f.camera_id for f in frames], indices=[f.index for f in frames])
+        out = np.empty((len(frames), self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+        for i, f in enumerate(frames):
+            if f.flow is not None:
+                out[i] = f.flow
+        if missing:
+            out[missing] = self.motion_features(small[missing], [frames[i].camera_id for i in missing],
+                                                indices=[frames[i].index for i in missing])
+        return out
 
     def prepare(self, picture: Picture) -> np.ndarray:
         """The model input of one decoded frame; sources call it on their own decode threads, so
@@ -399,8 +424,8 @@ class Detector:
         """The live path: scores now, per-frame results later (`ScoredBatch.results`, on the sink
         thread); frame components the frame score does not read are skipped unless `all_components`."""
         small = self.model_inputs(frames)
-        out, comps, scores = self._score_resized(small, [f.camera_id for f in frames],
-                                                 indices=[f.index for f in frames], all_components=all_components)
+        out, comps, scores = self._score_resized(small, [f.camera_id for f in frames], all_components=all_components,
+                                                 motion=self.frame_motion(frames, small))
         return self.scored(frames, out, comps, scores)
 
     def scored(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],

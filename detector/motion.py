@@ -62,6 +62,30 @@ class FlowExtractor:
         return self.cells(self.flow(prev_gray, gray))
 
 
+class FlowTracker:
+    """Flow cell features of one source's frames, each against that source's previous decoded frame.
+
+    Made per source (Detector.flow_tracker) and called on the source's decode thread: the flow then costs
+    the detector thread nothing, runs in parallel across cameras, and always spans one decoded frame even
+    when a live source later drops frames. Not thread-safe (one DIS instance and one previous frame).
+    """
+
+    def __init__(self, extractor: FlowExtractor):
+        self.extractor = extractor
+        self.prev: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the previous frame (a new connection or a new pass over a file: no flow across it)."""
+        self.prev = None
+
+    def __call__(self, small_rgb: np.ndarray) -> np.ndarray:
+        """The model input of the next decoded frame -> float32 [g, g, 3] (zero for the first)."""
+        gray = self.extractor.gray(small_rgb)
+        cells = self.extractor(self.prev, gray)
+        self.prev = gray
+        return cells
+
+
 def window_candidates(feats: torch.Tensor, window: int) -> torch.Tensor:
     """[N, g, g, D] -> [g*g, N * (2w+1)^2, D]: every cell's own and neighbouring cells' features.
 

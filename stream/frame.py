@@ -18,6 +18,9 @@ class Frame:
     # (uint8 [H, W, 3]) is accepted and wrapped.
     picture: Union[Picture, np.ndarray]
     small: Optional[np.ndarray] = None  # the model input (uint8 [S, S, 3]) when the source prepared it
+    # float32 [g, g, 3] optical-flow cell features against the source's previous decoded frame, when the
+    # source computed them (detector.motion.FlowTracker); else the detector computes them from its state
+    flow: Optional[np.ndarray] = None
 
     def __post_init__(self):
         if isinstance(self.picture, np.ndarray):

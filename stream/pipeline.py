@@ -51,10 +51,11 @@ class Pipeline:
         self.sinks = sinks
         self.stats = stats or PipelineStats()
         prepare = getattr(detector, "prepare", None)
+        flow_tracker = getattr(detector, "flow_tracker", None)  # one per source: each keeps its last frame
         # Cores shared out among the cameras' decoders (each would otherwise start one thread per core).
         threads = max(1, (os.cpu_count() or 1) // max(1, len(cfg.sources))) if len(cfg.sources) > 1 else 0
-        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=prepare,
-                                                           decode_threads=threads))
+        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=prepare, decode_threads=threads,
+                                                           flow=flow_tracker() if flow_tracker else None))
         self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
         self._stop = threading.Event()
         self._sink_q: queue.Queue = queue.Queue(maxsize=4)

@@ -171,10 +171,14 @@ class Source:
         clock: Callable[[], float] = time.time,
         prepare: Optional[Callable[[Picture], np.ndarray]] = None,
         decode_threads: int = 0,
+        flow=None,
     ):
         self.cfg = cfg
         # Turns each decoded picture into the model input on this source's thread (Detector.prepare).
         self._prepare = prepare
+        # Optical flow of each prepared frame against the previous one, also on this thread
+        # (detector.motion.FlowTracker: callable on the model input, reset() at every new connection or pass).
+        self._flow = flow if prepare is not None else None
         self.hwaccel = avio.resolve_hwaccel(cfg.hwaccel)
         self.decode_threads = decode_threads  # FFmpeg decoder threads; 0: one per core
         self.name = cfg.name
@@ -360,7 +364,8 @@ class Source:
             w, h = picture.size
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
         small = self._prepare(picture) if self._prepare is not None else None
-        frame = Frame(self.name, self.decoded, timestamp, picture, small)
+        flow = self._flow(small) if self._flow is not None else None
+        frame = Frame(self.name, self.decoded, timestamp, picture, small, flow)
         self.decoded += 1
         self.last_frame_time = self._clock()
         if not self._buffer.put(frame):
@@ -386,6 +391,7 @@ class Source:
             n = 0
             first_t = None
             with self._open() as src:
+                self._new_sequence()
                 fps = src.fps or self.cfg.fps or DEFAULT_FPS
                 for picture, t in src.pictures():
                     if self._stop.is_set():
@@ -414,6 +420,11 @@ class Source:
                 offset = last_ts + 1.0 / fps
             log.debug("%s: looping %s", self.name, self.url)
 
+    def _new_sequence(self) -> None:
+        """A new connection or a new pass over a file: its first frame does not follow the last one."""
+        if self._flow is not None:
+            self._flow.reset()
+
     def _pace(self, due: Optional[float], period: float) -> float:
         """Wait until the frame is due; returns when the next one is due."""
         now = time.monotonic()
@@ -430,6 +441,7 @@ class Source:
         while not self._stop.is_set():
             try:
                 with self._open() as src:
+                    self._new_sequence()
                     for picture, _t in src.pictures():
                         self.backoff.reset()  # a frame came through: the next failure retries fast
                         self._deliver(picture, self._clock())

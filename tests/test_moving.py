@@ -147,3 +147,95 @@ def test_bank_without_holdout_still_measures_noise_floor(footage):
     assert set(meta["calibration"]) == {"flow_noise"}  # bank frames give it; thresholds come from the config
     det = Detector.load(cfg, footage / "bank_nohold")
     assert det.moving_gate is not None and det.frame_threshold == float("inf")
+
+
+# -- flow on the source threads ---------------------------------------------------------------------------
+
+def test_flow_tracker_follows_one_source_and_resets():
+    from detector.motion import FlowExtractor, FlowTracker
+
+    a, b, c = scene(20), scene(23), scene(26)
+    tr = FlowTracker(FlowExtractor(SIZE, G, "medium"))
+    ref = FlowExtractor(SIZE, G, "medium")
+    assert (tr(a) == 0).all()  # first frame: nothing to compare with
+    np.testing.assert_array_equal(tr(b), ref(ref.gray(a), ref.gray(b)))
+    tr.reset()
+    assert (tr(c) == 0).all()  # a new connection: no flow across the gap
+
+
+def test_source_computes_flow_on_its_thread_and_resets_each_pass(env):
+    from detector.motion import FlowExtractor, FlowTracker
+    from configs.schema import SourceConfig
+    from stream.sources import Source
+
+    size = 64
+    src = Source(SourceConfig(name="cam", url=str(env / "plain.mp4"), loop=True),
+                 prepare=lambda p: p.scaled(size), flow=FlowTracker(FlowExtractor(size, G, "medium")))
+    src.start()
+    got = [src.read(timeout=10.0) for _ in range(34)]
+    src.stop()
+    assert all(f is not None and f.flow is not None and f.flow.shape == (G, G, 3) for f in got)
+    ref = FlowExtractor(size, G, "medium")
+    np.testing.assert_array_equal(got[5].flow, ref(ref.gray(got[4].small), ref.gray(got[5].small)))
+    assert np.abs(got[29].flow).max() > 0  # sensor noise: small but not zero
+    assert (got[0].flow == 0).all() and (got[30].flow == 0).all()  # plain.mp4 has 30 frames: pass 2 starts
+
+
+def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
+    from detector.detector import Detector
+    from detector.motion import FlowTracker, FlowExtractor
+    from stream.frame import Frame
+
+    cfg, bank, _ = moving_bank
+    det = Detector.load(cfg, bank)
+    imgs = [novel(scene(40), 8 + 3 * i) for i in range(6)]
+    own = det.score_frames([Frame("own", i, i / 24, im) for i, im in enumerate(imgs)])
+    tr = det.flow_tracker()
+    assert isinstance(tr, FlowTracker) and tr.extractor is not det.flow  # its own DIS instance per source
+    smalls = [det.prepare(Frame("src", i, 0.0, im).picture) for i, im in enumerate(imgs)]
+    frames = [Frame("src", i, i / 24, im, small, tr(small)) for i, (im, small) in enumerate(zip(imgs, smalls))]
+    det._prev.clear()
+    theirs = det.score_frames(frames)
+    assert "src" not in det._prev  # the detector's own flow state was not needed
+    np.testing.assert_allclose([r.components["moving_max"] for r in theirs],
+                               [r.components["moving_max"] for r in own], rtol=1e-5)
+    assert theirs[3].components["moving_max"] > 0.9 * theirs[3].components["map_max"]  # the patch moves
+    # a batch mixing frames with and without source flow: each frame gets the same evidence either way
+    det.reset()
+    mixed = det.score_frames([frames[0], Frame("own", 1, 1 / 24, imgs[1])] + frames[1:3])
+    assert mixed[0].components["moving_max"] == pytest.approx(own[0].components["moving_max"], rel=1e-5)
+    assert mixed[3].components["moving_max"] == pytest.approx(own[2].components["moving_max"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from tests.helpers import shared_env
+
+    return shared_env(tmp_path_factory)
+
+
+def test_pipeline_flow_on_source_threads_matches_the_detector_thread(env, tmp_path):
+    from configs.schema import SourceConfig
+    from detector.detector import Detector
+    from detector.fit import fit_bank
+    from tests.helpers import base_cfg, records, run
+
+    cfg = base_cfg()
+    cfg.detector.frame_score = "moving_max"
+    fit_bank(cfg, env / "normal", tmp_path / "bank", progress=False)
+
+    class DetectorThreadFlow:  # no prepare/flow_tracker: inputs and flow are made on the detector thread
+        def __init__(self, det):
+            self.det, self.pixel_threshold = det, det.pixel_threshold
+
+        def score_frames(self, frames):
+            return self.det.score_frames(frames)
+
+    src = [SourceConfig(name="cam", url=str(env / "clip.mp4"))]
+    run(cfg, tmp_path / "bank", tmp_path / "a", src)
+    run(cfg, tmp_path / "bank", tmp_path / "b", src, detector=DetectorThreadFlow(Detector.load(cfg, tmp_path / "bank")))
+    a = records(tmp_path / "a" / "events.jsonl", "frame")
+    b = records(tmp_path / "b" / "events.jsonl", "frame")
+    assert len(a) == len(b) == 64
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-4)
+    assert max(r["score"] for r in a) > 2 * min(r["score"] for r in a[1:])  # the moving square stands out
