@@ -183,7 +183,7 @@ def test_source_computes_flow_on_its_thread_and_resets_each_pass(env):
 
 def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
     from detector.detector import Detector
-    from detector.motion import FlowTracker, FlowExtractor
+    from detector.motion import FlowTracker
     from stream.frame import Frame
 
     cfg, bank, _ = moving_bank
