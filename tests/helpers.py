@@ -65,6 +65,17 @@ def base_cfg(**pipeline):
     })
 
 
+class DetectorThreadOnly:
+    """A detector offering score_frames only: without prepare / flow_tracker the pipeline makes the model
+    inputs and the optical flow on the detector thread instead of the source threads."""
+
+    def __init__(self, det):
+        self.det, self.pixel_threshold = det, det.pixel_threshold
+
+    def score_frames(self, frames):
+        return self.det.score_frames(frames)
+
+
 def run(cfg, bank, out, sources, duration=None, detector=None):
     cfg.sources = sources
     det = detector or Detector.load(cfg, bank)

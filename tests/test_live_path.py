@@ -12,12 +12,13 @@ import torch
 from configs.schema import SourceConfig
 from detector.bank import open_bank
 from detector.detector import Detector, resize_batch
+from detector.fit import fit_bank
 from detector.spade import SpadeScorer, resolve_pixel_bank
 from stream.avio import VideoInput
 from stream.frame import Frame
 from stream.picture import Picture
 from stream.sources import Source
-from tests.helpers import base_cfg, records, run
+from tests.helpers import DetectorThreadOnly, base_cfg, records, run
 
 
 
@@ -83,23 +84,23 @@ def test_source_prepares_model_inputs_on_its_thread(env):
     assert diff.mean() < 6.0
 
 
-def test_pipeline_results_do_not_depend_on_where_inputs_are_prepared(env, tmp_path):
-    """Detector.prepare on the source threads (pipeline default) vs a detector without it."""
+@pytest.mark.parametrize("frame_score", ["map_max", "moving_max"])
+def test_pipeline_results_do_not_depend_on_where_inputs_are_prepared(env, tmp_path, frame_score):
+    """Detector.prepare (and, for moving_max, the optical flow) on the source threads (pipeline default)
+    vs a detector without them, whose inputs and flow are made on the detector thread."""
     cfg = base_cfg()
-
-    class NoPrepare:  # score_frames only: the pipeline falls back to resizing on the detector thread
-        def __init__(self, det):
-            self.det, self.pixel_threshold = det, det.pixel_threshold
-
-        def score_frames(self, frames):
-            return self.det.score_frames(frames)
-
+    bank = env / "bank"
+    if frame_score != "map_max":
+        cfg.detector.frame_score = frame_score
+        bank = tmp_path / "bank"
+        fit_bank(cfg, env / "normal", bank, progress=False)
     src = [SourceConfig(name="cam", url=str(env / "clip.mp4"))]
-    run(cfg, env / "bank", tmp_path / "a", src)
-    run(cfg, env / "bank", tmp_path / "b", src, detector=NoPrepare(Detector.load(cfg, env / "bank")))
+    run(cfg, bank, tmp_path / "a", src)
+    run(cfg, bank, tmp_path / "b", src, detector=DetectorThreadOnly(Detector.load(cfg, bank)))
     a = records(tmp_path / "a" / "events.jsonl", "frame")
     b = records(tmp_path / "b" / "events.jsonl", "frame")
     assert len(a) == len(b) == 64
+    assert max(r["score"] for r in a) > 2 * min(r["score"] for r in a[1:])  # the moving square stands out
     # Which frames share a batch depends on thread timing, and a frame's kNN GEMM runs against the union of
     # its batch's neighbours: the same frame scored in another batch differs in the last float bits.
     np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-5)

@@ -205,37 +205,3 @@ def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
     mixed = det.score_frames([frames[0], Frame("own", 1, 1 / 24, imgs[1])] + frames[1:3])
     assert mixed[0].components["moving_max"] == pytest.approx(own[0].components["moving_max"], rel=1e-5)
     assert mixed[3].components["moving_max"] == pytest.approx(own[2].components["moving_max"], rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from tests.helpers import shared_env
-
-    return shared_env(tmp_path_factory)
-
-
-def test_pipeline_flow_on_source_threads_matches_the_detector_thread(env, tmp_path):
-    from configs.schema import SourceConfig
-    from detector.detector import Detector
-    from detector.fit import fit_bank
-    from tests.helpers import base_cfg, records, run
-
-    cfg = base_cfg()
-    cfg.detector.frame_score = "moving_max"
-    fit_bank(cfg, env / "normal", tmp_path / "bank", progress=False)
-
-    class DetectorThreadFlow:  # no prepare/flow_tracker: inputs and flow are made on the detector thread
-        def __init__(self, det):
-            self.det, self.pixel_threshold = det, det.pixel_threshold
-
-        def score_frames(self, frames):
-            return self.det.score_frames(frames)
-
-    src = [SourceConfig(name="cam", url=str(env / "clip.mp4"))]
-    run(cfg, tmp_path / "bank", tmp_path / "a", src)
-    run(cfg, tmp_path / "bank", tmp_path / "b", src, detector=DetectorThreadFlow(Detector.load(cfg, tmp_path / "bank")))
-    a = records(tmp_path / "a" / "events.jsonl", "frame")
-    b = records(tmp_path / "b" / "events.jsonl", "frame")
-    assert len(a) == len(b) == 64
-    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-4)
-    assert max(r["score"] for r in a) > 2 * min(r["score"] for r in a[1:])  # the moving square stands out
