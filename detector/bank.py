@@ -220,6 +220,46 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
+def _coreset_mismatch(have, want) -> str | None:
+    if have is not None:
+        return None  # other coreset settings: the generic message names detector.coreset
+    return ("detector.gallery is 'coreset' but this bank has no coreset (it was fitted with detector.gallery: "
+            "knn); fit it again with this config, or set detector.gallery: knn")
+
+
+def _trunk_mismatch(have, want) -> str:
+    fix = ("set detector.backbone.freeze: false to use it as it is" if want == "frozen" else
+           "on a CPU set detector.backbone.freeze: true (a bank shared by CPU and GPU detectors is "
+           "fitted with freeze: false)")
+    return (f"this bank's bf16 features came from the {have} backbone trunk and this detector runs the {want} "
+            "one (detector.backbone.freeze, which only the CPU applies); bf16 rounds the two differently: fit the "
+            f"bank again with this config, or {fix}")
+
+
+def _resize_mismatch(have, want) -> str:
+    return (f"this bank's frames were shrunk to the model input by another method ({have!r}; this version: "
+            f"{want!r}, stream/picture.py), so its features and thresholds do not match what the detector now "
+            "computes; fit the bank again")
+
+
+# Keys whose mismatch needs more than "built with X, config gives Y": what it means and how to fix it.
+# A function may return None to fall back to the generic message.
+MISMATCH_MESSAGES = {"coreset": _coreset_mismatch, "bf16_trunk": _trunk_mismatch, "resize": _resize_mismatch}
+
+
+def mismatch_message(key: str, have: Any, want: Any) -> str:
+    """Why a bank whose `key` is `have` cannot serve a config that implies `want`, and what to do."""
+    special = MISMATCH_MESSAGES.get(key)
+    msg = special(have, want) if special is not None else None
+    if msg is not None:
+        return msg
+    if key in CONFIG_FIELDS:
+        return (f"bank's {key} was built with {have!r} but the config gives {CONFIG_FIELDS[key]}={want!r}; "
+                "use a matching config or fit a new bank")
+    return (f"bank was built with {key}={have!r} but the config gives {key}={want!r}; use a matching config or "
+            "fit a new bank")
+
+
 def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> MemoryBank:
     """Open a bank, refusing one that is truncated or was built with a different configuration.
 
@@ -229,29 +269,8 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
     meta = read_meta(directory)
     for key, want in (expected or {}).items():
         have = meta.get(key, LEGACY_DEFAULTS.get(key))
-        if key == "coreset" and have is None:
-            raise UserError(f"{directory}: detector.gallery is 'coreset' but this bank has no coreset (it was "
-                            "fitted with detector.gallery: knn); fit it again with this config, or set "
-                            "detector.gallery: knn")
-        if have != want and key == "bf16_trunk":
-            fix = ("set detector.backbone.freeze: false to use it as it is" if want == "frozen" else
-                   "on a CPU set detector.backbone.freeze: true (a bank shared by CPU and GPU detectors is "
-                   "fitted with freeze: false)")
-            raise UserError(f"{directory}: this bank's bf16 features came from the {have} backbone trunk and this "
-                            f"detector runs the {want} one (detector.backbone.freeze, which only the CPU applies); "
-                            f"bf16 rounds the two differently: fit the bank again with this config, or {fix}")
-        if have != want and key == "resize":
-            raise UserError(f"{directory}: this bank's frames were shrunk to the model input by another method "
-                            f"({have!r}; this version: {want!r}, stream/picture.py), so its features and "
-                            "thresholds do not match what the detector now computes; fit the bank again")
-        if have != want and key in CONFIG_FIELDS:
-            raise UserError(f"{directory}: bank's {key} was built with {have!r} but the config gives "
-                            f"{CONFIG_FIELDS[key]}={want!r}; use a matching config or fit a new bank")
         if have != want:
-            raise UserError(
-                f"{directory}: bank was built with {key}={have!r} but the config gives {key}={want!r}; "
-                "use a matching config or fit a new bank"
-            )
+            raise UserError(f"{directory}: {mismatch_message(key, have, want)}")
     n, g, c, d = (int(meta[k]) for k in ("n_frames", "grid", "pixel_dim", "global_dim"))
     pix_path = directory / PIXEL
     want_bytes = n * g * g * c * 2
