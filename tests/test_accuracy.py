@@ -28,7 +28,8 @@ def test_default_config_on_synthetic_set(synthetic, tmp_path):
     m = evaluate(cfg, synthetic, tmp_path / "bank", tmp_path / "eval", progress=False)
     assert m["n_frames"] == 360
     assert m["pixel_auroc"] >= 0.95, m
-    assert m["frame_auroc_micro"] >= 0.90, m
+    # moving_max + 5-frame smoothing measured 0.957 / 0.987 (map max alone: 0.925 / 0.959; RESULTS.md 4c)
+    assert m["frame_auroc_micro"] >= 0.93 and m["frame_auroc_macro"] >= 0.95, m
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["frame_auroc_micro"] == pytest.approx(m["frame_auroc_micro"])
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
