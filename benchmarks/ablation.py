@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "moving_max_static0": {"detector": {"frame_score": "moving_max", "moving": {"static_weight": 0.0}}},
     "map_max+smooth5": {"detector": {"frame_score": "map_max", "smooth_window": 5}},
     "moving_max+smooth5": {"detector": {"frame_score": "moving_max", "smooth_window": 5}},  # the default
+    "moving_max+smooth5+kgallery3": {"detector": {"frame_score": "moving_max", "smooth_window": 5, "k_gallery": 3}},
     "coreset_1pct+moving_max": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
                                              "coreset": {"fraction": 0.01, "max_size": 10000}}},
     "coreset_1pct+moving_max+smooth5": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
