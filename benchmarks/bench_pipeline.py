@@ -146,7 +146,6 @@ def make_sync(device):
 
 def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
     """Every stage in isolation on the same frames, batch by batch; seconds per stage + totals."""
-    import numpy as np
     import torch
 
     from detector.detector import frame_components
@@ -195,11 +194,8 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             maps = sc.upsample(dist)
             t = tm.add("post", t)
             o2 = SpadeOutput(image_scores, idx, maps)
-            gate = None
-            if det.moving_gate is not None and det.uses_component("moving_max"):
-                gate = det.moving_gate(motion if motion is not None else np.zeros((len(fb), d.grid, d.grid, 3),
-                                                                                  np.float32))
-            c2 = frame_components(o2, d.topq, pix_t, costly=det.costly_components_read(), moving_weights=gate)
+            c2 = frame_components(o2, d.topq, pix_t, costly=det.costly_components_read(),
+                                  moving_weights=det.moving_weights(motion, len(fb)))
             det.frame_scores(c2)
             t = tm.add("frame_score", t)
             maps_np = maps.float().cpu().numpy()

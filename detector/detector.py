@@ -143,11 +143,14 @@ class Detector:
         self._smoother = framescore.CausalSmoother(d.smooth_window)
         self._frame_cal: dict | None = None
         self.moving_gate: MovingGate | None = None
-        if bank is not None and "moving_max" in d.components_used() and "flow_noise" in bank.calibration:
+        if bank is not None and "flow_noise" in bank.calibration:
             self.set_flow_noise(bank.calibration["flow_noise"])
 
     def set_flow_noise(self, noise: float) -> None:
-        """Arm the moving_max gate with the camera's flow noise floor (fit measures it on the normal footage)."""
+        """Arm the moving_max gate with the camera's flow noise floor (fit measures it on the normal footage);
+        only a frame score that reads moving_max arms it."""
+        if not self.uses_component("moving_max"):
+            return
         m = self.dcfg.moving
         self.moving_gate = MovingGate(float(noise), m.noise_factor, m.static_weight, m.dilate,
                                       self.dcfg.input_size, self.device)
@@ -317,19 +320,25 @@ class Detector:
             raise RuntimeError("detector has no memory bank")
         out = self.scorer.score(pyramid, glob)
         if self.motion_scorer is not None:
-            if motion is None:
-                motion = np.zeros((pyramid.shape[0], self.dcfg.grid, self.dcfg.grid, 3), np.float32)
-            mmaps = self.scorer.upsample(self.motion_scorer.score(motion))
+            mmaps = self.scorer.upsample(self.motion_scorer.score(self._flow_or_still(motion, pyramid.shape[0])))
             final = self.combine_maps(out.maps, mmaps)
             out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=mmaps)
         costly = framescore.COSTLY if all_components else self.costly_components_read()
-        weights = None
-        if self.moving_gate is not None:  # armed only when the frame score reads moving_max
-            if motion is None:  # no previous frame: nothing is known to move
-                motion = np.zeros((pyramid.shape[0], self.dcfg.grid, self.dcfg.grid, 3), np.float32)
-            weights = self.moving_gate(motion)
+        weights = self.moving_weights(motion, pyramid.shape[0])
         comps = frame_components(out, self.dcfg.topq, self.pixel_threshold, costly=costly, moving_weights=weights)
         return out, comps
+
+    def _flow_or_still(self, motion: np.ndarray | None, batch: int) -> np.ndarray:
+        """The batch's flow cell features; zero flow when none is known (no previous frame: nothing moves)."""
+        if motion is not None:
+            return motion
+        return np.zeros((batch, self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+
+    def moving_weights(self, motion: np.ndarray | None, batch: int) -> torch.Tensor | None:
+        """moving_max's per-pixel weights [B, S, S] of a batch; None unless the frame score reads moving_max."""
+        if self.moving_gate is None:
+            return None
+        return self.moving_gate(self._flow_or_still(motion, batch))
 
     def costly_components_read(self) -> set[str]:
         """The costly frame components (framescore.COSTLY) that the configured frame score reads: the

@@ -103,10 +103,11 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     hold_sets = [set(x) for x in hold_idx]
     wanted = [b | h for b, h in zip(bank_sets, hold_sets)]
     use_motion = cfg.detector.motion.enabled  # the bank gets a normal-flow model
-    if cfg.detector.needs_flow:  # flow needs each selected frame's true predecessor t-1
+    needs_flow = cfg.detector.needs_flow
+    if needs_flow:  # flow needs each selected frame's true predecessor t-1
         wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
     holdout = FrameSpool(bank_dir / "holdout.tmp", size)
-    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if cfg.detector.needs_flow else None
+    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if needs_flow else None
     try:  # the spools are temporary files: removed however fit ends
         hold_items: list[int] = []
         motion_feats: list[np.ndarray] = []
@@ -119,7 +120,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             stack = np.stack(batch)
             pyr, glob = det.features(stack)
             writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
-            if hold_prev is not None:
+            if needs_flow:
                 feats = det.motion_features(stack, prev_u8=list(batch_prev))
                 known = np.array([p is not None for p in batch_prev], dtype=bool)
                 flow_medians.append(frame_flow_medians(feats[known]))
@@ -252,8 +253,7 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
             flows.append(det.motion_features(np.stack(holdout[s:s + bs]), prev_u8=before))
             medians.append(frame_flow_medians(flows[-1][np.array([p is not None for p in before], dtype=bool)]))
         noise = flow_noise(np.concatenate(medians))
-        if "moving_max" in cfg.detector.components_used():
-            det.set_flow_noise(noise)
+        det.set_flow_noise(noise)
     for j, s in enumerate(range(0, len(holdout), bs)):
         trimmer.maybe()
         stack = np.stack(holdout[s:s + bs])
