@@ -2,7 +2,7 @@
 """Ablation of the detector's frame-score, motion, position and gallery options: fit + eval per variant.
 
     python benchmarks/ablation.py                               # Avenue sample + synthetic STC set
-    python benchmarks/ablation.py --data ../shared/data/avenue_stc --variants spade_map_max,default
+    python benchmarks/ablation.py --data ../shared/data/avenue_stc --variants spade_map_max,coreset_2048+moving_max+smooth5
     python benchmarks/ablation.py --no-synthetic --out /tmp/ablation
 
 Each variant is a set of config overrides applied on top of the plain-SPADE base below (not on top of
@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 # Plain SPADE (Cohen & Hoshen 2020) as shipped before issue 6.
 BASE = {"detector": {"frame_score": "map_max", "spatial_window": None, "smooth_window": 1,
                      "motion": {"enabled": False}, "gallery": "knn"}}
+# The coreset rows of sections 4 and 4c, measured before max_size / max_features got today's defaults.
+CORESET_1PCT = {"fraction": 0.01, "max_size": 10000, "max_features": 1_000_000}
 MOTION = {"enabled": True}
 
 VARIANTS: dict[str, dict] = {
@@ -46,20 +48,23 @@ VARIANTS: dict[str, dict] = {
                                                 "spatial_window": 2, "motion": MOTION, "smooth_window": 9}},
     # PatchCore-style gallery (configs/ablation/coreset_*.yaml): a greedy coreset of all bank patch features
     "coreset_1pct": {"detector": {"frame_score": "map_max", "gallery": "coreset",
-                                  "coreset": {"fraction": 0.01, "max_size": 10000}}},
+                                  "coreset": CORESET_1PCT}},
     "coreset_3pct": {"detector": {"frame_score": "map_max", "gallery": "coreset",
-                                  "coreset": {"fraction": 0.03, "max_size": None}}},
+                                  "coreset": {"fraction": 0.03, "max_size": None, "max_features": 1_000_000}}},
     # appearance weighted by where things move (configs.schema.MovingConfig)
     "moving_max": {"detector": {"frame_score": "moving_max"}},
     "moving_max_static0": {"detector": {"frame_score": "moving_max", "moving": {"static_weight": 0.0}}},
     "map_max+smooth5": {"detector": {"frame_score": "map_max", "smooth_window": 5}},
-    "moving_max+smooth5": {"detector": {"frame_score": "moving_max", "smooth_window": 5}},  # the default
+    "moving_max+smooth5": {"detector": {"frame_score": "moving_max", "smooth_window": 5}},  # section 4c's default (knn)
     "moving_max+smooth5+kgallery3": {"detector": {"frame_score": "moving_max", "smooth_window": 5, "k_gallery": 3}},
     "coreset_1pct+moving_max": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
-                                             "coreset": {"fraction": 0.01, "max_size": 10000}}},
+                                             "coreset": CORESET_1PCT}},
     "coreset_1pct+moving_max+smooth5": {"detector": {"frame_score": "moving_max", "gallery": "coreset",
-                                                     "coreset": {"fraction": 0.01, "max_size": 10000},
-                                                     "smooth_window": 5}},
+                                                     "coreset": CORESET_1PCT, "smooth_window": 5}},
+    # the default since section 4d: at most 2,048 coreset features selected from 262,144 candidates
+    "coreset_2048+moving_max+smooth5": {"detector": {
+        "frame_score": "moving_max", "gallery": "coreset", "smooth_window": 5,
+        "coreset": {"fraction": 0.01, "max_size": 2048, "max_features": 262_144}}},
 }
 DEFAULT_SET = list(VARIANTS)
 

@@ -146,8 +146,14 @@ def greedy_kcenter_reference(x: np.ndarray, m: int, start: int) -> np.ndarray:
     return np.array(picks)
 
 
-def coreset_size(total: int, fraction: float, candidates: int, max_size: int | None = None) -> int:
-    m = int(math.ceil(fraction * total))
+def coreset_size(total: int, fraction: float, candidates: int, max_size: int | None = None, min_size: int = 1) -> int:
+    """`fraction` of the `total` patch features, at least `min_size`, at most `max_size` and `candidates`.
+
+    `build_coreset` passes one frame's cells (grid^2) as `min_size`: a fixed camera's normal view alone has
+    that many distinct patches, so a smaller coreset (1 % of a short bank) cannot even cover the static
+    scene, and every normal frame would look anomalous where the coreset has no feature of its background.
+    """
+    m = max(int(math.ceil(fraction * total)), int(min_size))
     if max_size is not None:
         m = min(m, max_size)
     return max(1, min(candidates, m))
@@ -220,7 +226,7 @@ def build_coreset(pixel_path: Path, shape: tuple[int, int, int], *, fraction: fl
         projection = torch.randn(c, projection_dim, generator=gen) / math.sqrt(projection_dim)
     points = project_candidates(Path(pixel_path), shape, flat, projection, device)
     t1 = time.perf_counter()
-    m = coreset_size(total, fraction, len(flat), max_size)
+    m = coreset_size(total, fraction, len(flat), max_size, min_size=cells)
     start = int(rng.integers(len(flat)))
     picks = greedy_kcenter(points, m, start).cpu().numpy()
     del points

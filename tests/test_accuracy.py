@@ -27,9 +27,11 @@ def test_default_config_on_synthetic_set(synthetic, tmp_path):
     fit_bank(cfg, synthetic, tmp_path / "bank", progress=False)
     m = evaluate(cfg, synthetic, tmp_path / "bank", tmp_path / "eval", progress=False)
     assert m["n_frames"] == 360
-    assert m["pixel_auroc"] >= 0.95, m
-    # moving_max + 5-frame smoothing measured 0.957 / 0.987 (map max alone: 0.925 / 0.959; RESULTS.md 4c)
-    assert m["frame_auroc_micro"] >= 0.93 and m["frame_auroc_macro"] >= 0.95, m
+    # the coreset gallery measured pixel 0.998-0.999, frame 0.983-0.984 / 0.994-0.995 over three selection
+    # seeds; the knn gallery 0.997 and 0.957 / 0.987, so the frame bounds fail if the default loses the
+    # coreset's gain (RESULTS.md 4d)
+    assert m["pixel_auroc"] >= 0.99, m
+    assert m["frame_auroc_micro"] >= 0.97 and m["frame_auroc_macro"] >= 0.985, m
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["frame_auroc_micro"] == pytest.approx(m["frame_auroc_micro"])
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000

@@ -45,7 +45,7 @@ def videos(tmp_path):
 
 
 def test_fit_round_trip(tmp_path, videos):
-    cfg = small_cfg()
+    cfg = small_cfg(gallery="knn")  # a bank frame's own cells are its gallery only with SPADE's knn gallery
     meta = fit_bank(cfg, videos, tmp_path / "bank", progress=False)
     assert meta["n_frames"] == 32 - meta["calibration"]["n_holdout"]
     bank = open_bank(tmp_path / "bank")

@@ -74,6 +74,10 @@ def test_coreset_size_caps():
     assert cs.coreset_size(10_000, 0.01, 10_000, max_size=40) == 40
     assert cs.coreset_size(10_000, 0.5, 300) == 300
     assert cs.coreset_size(10, 0.001, 10) == 1
+    # at least one frame's cells (the static scene), unless max_size or the candidates say less
+    assert cs.coreset_size(10_000, 0.01, 10_000, max_size=2048, min_size=256) == 256
+    assert cs.coreset_size(10_000, 0.01, 10_000, max_size=40, min_size=256) == 40
+    assert cs.coreset_size(10_000, 0.01, 200, min_size=256) == 200
 
 
 def test_build_coreset_is_seeded(tmp_path):
@@ -181,13 +185,13 @@ def test_fit_with_coreset_loads_and_scores(fitted, videos):
 def test_knn_config_serves_a_coreset_bank(fitted, caplog):
     bank_dir, _ = fitted
     with caplog.at_level("WARNING"):
-        det = Detector.load(small_cfg(), bank_dir)
+        det = Detector.load(small_cfg(gallery="knn"), bank_dir)
     assert det.scorer.coreset is None
     assert "calibrated with other scoring settings" in caplog.text and "gallery" in caplog.text
 
 
 def test_coreset_config_against_knn_bank_is_refused(tmp_path, videos):
-    fit_bank(small_cfg(), videos, tmp_path / "bank", progress=False)
+    fit_bank(small_cfg(gallery="knn"), videos, tmp_path / "bank", progress=False)
     with pytest.raises(UserError, match=r"detector\.gallery is 'coreset' but this bank has no coreset.*"
                                         r"detector\.gallery: knn"):
         Detector.load(coreset_cfg(), tmp_path / "bank")
@@ -216,8 +220,9 @@ def test_truncated_coreset_is_refused(tmp_path, fitted):
 def test_config_fields():
     cfg = configs.parse({"detector": {"gallery": "coreset", "coreset": {"fraction": 0.03, "max_size": None,
                                                                         "projection_dim": None, "seed": 2}}})
-    assert cfg.detector.coreset.fraction == 0.03 and cfg.detector.coreset.max_features == 1_000_000
-    assert configs.parse({}).detector.gallery == "knn"
+    assert cfg.detector.coreset.fraction == 0.03 and cfg.detector.coreset.max_features == 262_144
+    default = configs.parse({}).detector
+    assert default.gallery == "coreset" and default.coreset.max_size == 2048
     # kappa is bounded by the coreset size cap, not by k_gallery x grid^2
     assert configs.parse({"detector": {"gallery": "coreset", "grid": 4, "kappa": 20}}).detector.kappa == 20
     bad = [

@@ -52,8 +52,10 @@ def test_normal_patch_in_never_seen_place_is_flagged_only_with_position():
 
 
 def test_config_validation():
-    configs.parse({"detector": {"spatial_window": 2, "k_gallery": 2, "kappa": 3}})
+    configs.parse({"detector": {"gallery": "knn", "spatial_window": 2, "k_gallery": 2, "kappa": 3}})
+    with pytest.raises(Exception, match="spatial_window needs gallery: knn"):
+        configs.parse({"detector": {"spatial_window": 2}})  # the default gallery is the coreset
     with pytest.raises(Exception):
-        configs.parse({"detector": {"spatial_window": 0, "kappa": 2}})  # only one candidate per cell
+        configs.parse({"detector": {"gallery": "knn", "spatial_window": 0, "kappa": 2}})  # only one candidate per cell
     with pytest.raises(Exception):
         configs.parse({"detector": {"frame_score": "motion_max"}})  # motion is off
