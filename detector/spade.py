@@ -271,33 +271,24 @@ class SpadeScorer:
         """[B, grid, grid]: mean L2 distance of each cell to its kappa nearest coreset features.
 
         The same fused |r|^2 - 2 q.r product as the frame gallery, over blocks of the coreset so the
-        [cells x features] matrix stays bounded whatever the coreset size; a running kappa-best is kept.
+        [cells x features] matrix stays bounded whatever the coreset size, ranked in `rank_dtype` (or float32)
+        with a running kappa-best of row indices; the winners' distances are then taken exactly.
         """
         b, c, g, _ = pyramid.shape
         q = pyramid.float().flatten(2).transpose(1, 2).reshape(b * g * g, c)
-        ref, ref_sqn = self.coreset, self.coreset_sqnorm
         step = max(self.kappa, CORESET_BLOCK // max(q.shape[0], 1))
-        if self.rank_dtype is not None:
-            return self._exact_distances(q, ref, self._rank_coreset(q, step)).reshape(b, g, g)
-        best = None
-        for _, partial in self._coreset_products(q, ref, ref_sqn, step):
-            if self.kappa == 1:
-                cur = partial.amin(dim=1)
-                best = cur if best is None else torch.minimum(best, cur)
-            else:
-                cur = torch.topk(partial, min(self.kappa, partial.shape[1]), dim=1, largest=False).values
-                both = cur if best is None else torch.cat([best, cur], dim=1)
-                best = torch.topk(both, min(self.kappa, both.shape[1]), dim=1, largest=False).values
-        return self._distances(best, q).reshape(b, g, g)
+        return self._exact_distances(q, self.coreset, self._rank_coreset(q, step)).reshape(b, g, g)
 
     def _rank_coreset(self, q: torch.Tensor, step: int) -> torch.Tensor:
-        """[M, kappa] coreset rows of each query's kappa nearest features, ranked in `rank_dtype` block by
-        block (the running best kept by its ranking value); their distances are then taken exactly."""
-        rd, k = self.rank_dtype, self.kappa
-        ref_lo, sqn_lo = self.coreset_ranked
-        q_lo = q.to(rd)
+        """[M, kappa] coreset rows of each query's kappa nearest features, ranked block by block in
+        `rank_dtype` (float32 when None), the running best kept by its ranking value."""
+        k = self.kappa
+        if self.rank_dtype is None:
+            ref, sqn, q_r = self.coreset, self.coreset_sqnorm, q
+        else:
+            (ref, sqn), q_r = self.coreset_ranked, q.to(self.rank_dtype)
         vals = idx = None
-        for s, partial in self._coreset_products(q_lo, ref_lo, sqn_lo, step):
+        for s, partial in self._coreset_products(q_r, ref, sqn, step):
             if k == 1:
                 cur_v, cur_i = partial.min(dim=1, keepdim=True)
             else:
