@@ -147,16 +147,18 @@ def greedy_kcenter_reference(x: np.ndarray, m: int, start: int) -> np.ndarray:
 
 
 def coreset_size(total: int, fraction: float, candidates: int, max_size: int | None = None, min_size: int = 1) -> int:
-    """`fraction` of the `total` patch features, at least `min_size`, at most `max_size` and `candidates`.
+    """`fraction` of the `total` patch features, at most `max_size`, but never below `min_size`; at most
+    `candidates` in any case.
 
     `build_coreset` passes one frame's cells (grid^2) as `min_size`: a fixed camera's normal view alone has
-    that many distinct patches, so a smaller coreset (1 % of a short bank) cannot even cover the static
-    scene, and every normal frame would look anomalous where the coreset has no feature of its background.
+    that many distinct patches, so a smaller coreset (1 % of a short bank, or a `max_size` below grid^2 at a
+    fine grid) cannot even cover the static scene, and every normal frame would look anomalous where the
+    coreset has no feature of its background. `max_size` bounds the scoring cost; the floor is correctness.
     """
-    m = max(int(math.ceil(fraction * total)), int(min_size))
+    m = int(math.ceil(fraction * total))
     if max_size is not None:
         m = min(m, max_size)
-    return max(1, min(candidates, m))
+    return max(1, min(candidates, max(m, int(min_size))))
 
 
 def candidate_indices(total: int, max_features: int | None, rng: np.random.Generator) -> np.ndarray:

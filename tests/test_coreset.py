@@ -74,9 +74,9 @@ def test_coreset_size_caps():
     assert cs.coreset_size(10_000, 0.01, 10_000, max_size=40) == 40
     assert cs.coreset_size(10_000, 0.5, 300) == 300
     assert cs.coreset_size(10, 0.001, 10) == 1
-    # at least one frame's cells (the static scene), unless max_size or the candidates say less
+    # at least one frame's cells (the static scene), even above max_size; never more than the candidates
     assert cs.coreset_size(10_000, 0.01, 10_000, max_size=2048, min_size=256) == 256
-    assert cs.coreset_size(10_000, 0.01, 10_000, max_size=40, min_size=256) == 40
+    assert cs.coreset_size(100_000, 0.05, 100_000, max_size=40, min_size=256) == 256
     assert cs.coreset_size(10_000, 0.01, 200, min_size=256) == 200
 
 
