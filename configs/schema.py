@@ -77,7 +77,8 @@ class CoresetConfig(Section):
     # fraction; fit time grows with size x candidates (benchmarks/RESULTS.md, section 4).
     # 2,048: on both test sets as accurate as the uncapped 1 % (3,595 / 4,424 features) and twice SPADE's 1,024
     # candidates per cell, so a CPU without native bf16 still keeps up (benchmarks/RESULTS.md, section 4d).
-    max_size: Optional[int] = Field(2048, ge=1, description="upper bound on the coreset size (None: none)")
+    max_size: Optional[int] = Field(2048, ge=1, description="upper bound on the coreset size (None: none); "
+                                    "one frame's cells (grid^2) stay a floor above it")
     projection_dim: Optional[int] = Field(128, ge=1, le=4096, description="selection runs on a random Gaussian "
                                           "projection to this many dimensions (None, or >= the channels: on "
                                           "the features themselves)")
