@@ -168,7 +168,7 @@ class Detector:
         extractor, device = cls.build_extractor(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
         det = cls(cfg, extractor, bank, device)
-        if "moving_max" in cfg.detector.components_used() and det.moving_gate is None:
+        if det.uses_component("moving_max") and det.moving_gate is None:
             raise UserError(f"{bank_dir}: frame score 'moving_max' needs the flow noise floor of the normal footage, "
                             "which this bank lacks: it was fitted without moving_max (fit it again with this config)")
         from detector.fit import scoring_settings  # fit imports this module
@@ -400,12 +400,12 @@ class Detector:
         each camera's previous frame seen here (None when the frame score needs no flow)."""
         if self.flow is None:
             return None
-        missing = [i for i, f in enumerate(frames) if f.flow is None]
-        if len(missing) == len(frames):
-            return self.motion_features(small, [f.camera_id for f in frames], indices=[f.index for f in frames])
         out = np.empty((len(frames), self.dcfg.grid, self.dcfg.grid, 3), np.float32)
+        missing = []
         for i, f in enumerate(frames):
-            if f.flow is not None:
+            if f.flow is None:
+                missing.append(i)
+            else:
                 out[i] = f.flow
         if missing:
             out[missing] = self.motion_features(small[missing], [frames[i].camera_id for i in missing],

@@ -122,8 +122,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
             writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
             if needs_flow:
                 feats = det.motion_features(stack, prev_u8=list(batch_prev))
-                known = np.array([p is not None for p in batch_prev], dtype=bool)
-                flow_medians.append(frame_flow_medians(feats[known]))
+                flow_medians.append(frame_flow_medians(feats, batch_prev))
                 if use_motion:
                     motion_feats.append(feats.astype(np.float16))
             batch.clear()
@@ -251,7 +250,7 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
         for s in range(0, len(holdout), bs):
             before = prev[s:s + bs]
             flows.append(det.motion_features(np.stack(holdout[s:s + bs]), prev_u8=before))
-            medians.append(frame_flow_medians(flows[-1][np.array([p is not None for p in before], dtype=bool)]))
+            medians.append(frame_flow_medians(flows[-1], before))
         noise = flow_noise(np.concatenate(medians))
         det.set_flow_noise(noise)
     for j, s in enumerate(range(0, len(holdout), bs)):

@@ -16,6 +16,8 @@ A frame whose camera has no previous frame yet gets zero flow (scored as static)
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 import torch
@@ -150,9 +152,13 @@ class MotionScorer:
 FLOW_NOISE_FLOOR = 1e-3  # flow px/frame: a noiseless (e.g. rendered) camera's median cell flow can be 0
 
 
-def frame_flow_medians(cells: np.ndarray) -> np.ndarray:
-    """Each frame's median cell flow magnitude: [N, g, g, 3] cell features -> float32 [N]."""
+def frame_flow_medians(cells: np.ndarray, prev: Sequence | None = None) -> np.ndarray:
+    """Each frame's median cell flow magnitude: [N, g, g, 3] cell features -> float32 [N]. With `prev` (each
+    frame's predecessor, None where there was none), frames without one are left out: their flow is zero
+    for want of a previous frame, not because the camera is still."""
     c = np.asarray(cells, dtype=np.float32)
+    if prev is not None:
+        c = c[np.array([p is not None for p in prev], dtype=bool)]
     return np.median(c[..., 2].reshape(len(c), -1), axis=1).astype(np.float32)
 
 
