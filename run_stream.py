@@ -67,10 +67,17 @@ def cmd_fit(args) -> int:
 
     cfg = configs.load(args.config)
     meta = fit_bank(cfg, args.data, args.bank, progress=not args.quiet)
-    cal = meta.get("calibration") or {}
-    print(json.dumps({"bank": str(args.bank), "n_frames": meta["n_frames"], "backbone": meta["backbone"],
-                      "holdout": cal.get("n_holdout", 0), "pixel_threshold": cal.get("pixel_threshold"),
-                      "count_warnings": meta.get("count_warnings", [])}, indent=1))
+
+    def summary(m: dict) -> dict:
+        cal = m.get("calibration") or {}
+        return {"n_frames": m["n_frames"], "backbone": m["backbone"], "holdout": cal.get("n_holdout", 0),
+                "pixel_threshold": cal.get("pixel_threshold"), "count_warnings": m.get("count_warnings", [])}
+
+    if "scenes" in meta:
+        out = {"bank": str(args.bank), "scenes": {s: summary(m) for s, m in meta["scenes"].items()}}
+    else:
+        out = {"bank": str(args.bank)} | summary(meta)
+    print(json.dumps(out, indent=1))
     return 0
 
 
@@ -91,10 +98,13 @@ def cmd_eval(args) -> int:
 
 def cmd_verify(args) -> int:
     from detector.bank import open_bank
+    from detector.scenes import read_index
 
-    bank = open_bank(Path(args.bank))
-    bank.verify()
-    print(f"{args.bank}: OK ({bank.n_frames} frames)")
+    scenes = read_index(args.bank)
+    for directory in scenes.values() if scenes is not None else [Path(args.bank)]:
+        bank = open_bank(directory)
+        bank.verify()
+        print(f"{directory}: OK ({bank.n_frames} frames)")
     return 0
 
 

@@ -328,8 +328,7 @@ def main(argv=None) -> int:
             det.warm_up(cfg.pipeline.max_batch)  # first calls trace the trunk, build oneDNN primitives
         sink_dir = runs_dir / "sinks"
         shutil.rmtree(sink_dir, ignore_errors=True)
-        sinks = build_sinks(cfg.sinks, cfg.alerts, sink_dir, fps_hint=float(args.fps),
-                            pixel_threshold=det.pixel_threshold)
+        sinks = build_sinks(cfg.sinks, cfg.alerts, sink_dir, fps_hint=float(args.fps))
         bu.log("  isolated stages ...")
         iso = isolated_pass(det, images, cfg, sinks, sync)
         sinks.close(reason="shutdown")

@@ -124,8 +124,7 @@ def main(argv=None) -> int:
         cfg.sinks.video.segment_s = args.segment_s
         det = Detector.load(cfg, bank)
         report["machine"] = bu.machine_info(det.device)
-        sinks = build_sinks(cfg.sinks, cfg.alerts, run_dir, fps_hint=float(args.fps),
-                            pixel_threshold=det.pixel_threshold)
+        sinks = build_sinks(cfg.sinks, cfg.alerts, run_dir, fps_hint=float(args.fps))
         redis_sink = next(s for s in sinks.sinks if type(s).__name__ == "RedisSink")
         video_sink = next(s for s in sinks.sinks if type(s).__name__ == "VideoSink")
         pipe = Pipeline(cfg, det, sinks)

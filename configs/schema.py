@@ -173,6 +173,10 @@ class BankConfig(Section):
     target_false_alarms_per_hour: float = Field(1.0, gt=0.0)
     pixel_quantile: float = Field(0.999, gt=0.5, lt=1.0, description="held-out normal pixel quantile "
                                   "used as the region threshold")
+    per_scene: Literal["auto"] | bool = Field(
+        "auto", description="one bank per scene (camera) of an STC root whose videos are named "
+        "<scene>_<clip>: auto = when they name two or more scenes; every, max_frames and holdout select "
+        "the frames over all scenes together (detector/scenes.py)")
 
 
 class RegionsConfig(Section):
@@ -234,6 +238,9 @@ class SourceConfig(Section):
     # /healthz reports the camera unhealthy after this long without a frame. None: open_timeout_s +
     # read_timeout_s + the current reconnect backoff ceiling (one full reconnect cycle).
     health_timeout_s: Optional[float] = Field(None, gt=0)
+    # This camera's own memory bank (fitted on its normal footage); None: the run's --bank. Cameras with
+    # different banks share one backbone and one process (detector/cameras.py).
+    bank: Optional[str] = Field(None, description="memory bank folder of this camera (default: the run's --bank)")
 
     @model_validator(mode="after")
     def _credentials_once(self):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from configs.errors import UserError
+from detector.scenes import INDEX as SCENE_INDEX, not_a_single_bank, read_index
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no motion model, no held-out component sequences; 2: no coreset
@@ -47,14 +48,20 @@ CORESET = "coreset.f16"
 CORESET_INDEX = "coreset_index.npy"
 
 
+def clear_bank(directory: Path) -> None:
+    """Remove an old bank's files from `directory` (a single bank's, or a per-scene bank's index), so no
+    stale half of it is ever read beside a new one."""
+    for name in (META, GLOBAL, PIXEL, FAISS, MOTION, CORESET, CORESET_INDEX, SCENE_INDEX):
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
 class BankWriter:
     """Appends features frame by frame; RAM use is one batch, whatever the number of frames."""
 
     def __init__(self, directory: Path, *, pixel_dim: int, grid: int, global_dim: int):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (META, GLOBAL, PIXEL, FAISS, MOTION, CORESET, CORESET_INDEX):
-            (self.dir / name).unlink(missing_ok=True)  # never leave a stale half of an old bank
+        clear_bank(self.dir)
         self.pixel_dim, self.grid, self.global_dim = pixel_dim, grid, global_dim
         self._pixel = open(self.dir / (PIXEL + ".part"), "wb")
         self._pixel_hash = hashlib.sha256()
@@ -208,6 +215,9 @@ def read_meta(directory: Path) -> dict:
     if not Path(directory).is_dir():
         raise UserError(f"{directory}: memory bank directory not found (run `run_stream.py fit` first)")
     if not path.is_file():
+        scenes = read_index(directory)
+        if scenes is not None:
+            raise not_a_single_bank(Path(directory), scenes)
         raise UserError(f"{path}: missing; {directory} is not a memory bank (run `run_stream.py fit`)")
     try:
         meta = json.loads(path.read_text())

@@ -58,6 +58,7 @@ class ScoredBatch:
                 frame_size=f.size, image_score=float(self.comps["image_knn"][i]),
                 components={k: float(v[i]) for k, v in self.comps.items()},
                 neighbours=self.neighbours[i, :k_image],
+                pixel_threshold=pix_t if math.isfinite(pix_t) else None,
             ))
         return out
 
@@ -164,8 +165,11 @@ class Detector:
         return build_extractor(cfg.detector.backbone, cfg.detector.grid, device, cfg.detector.precision), device
 
     @classmethod
-    def load(cls, cfg: AppConfig, bank_dir: str | Path) -> "Detector":
-        extractor, device = cls.build_extractor(cfg)
+    def load(cls, cfg: AppConfig, bank_dir: str | Path,
+             built: tuple[FeatureExtractor, torch.device] | None = None) -> "Detector":
+        """The detector of the bank in `bank_dir`; `built`: an extractor and device from build_extractor
+        to share (the scenes of a per-scene bank share one backbone)."""
+        extractor, device = built or cls.build_extractor(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
         det = cls(cfg, extractor, bank, device)
         if det.uses_component("moving_max") and det.moving_gate is None:

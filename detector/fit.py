@@ -13,13 +13,14 @@ from configs.schema import AppConfig
 import torch
 
 from detector import framescore
-from detector.bank import PIXEL, BankWriter, open_bank, write_coreset, write_meta
+from detector.bank import PIXEL, BankWriter, clear_bank, open_bank, write_coreset, write_meta
 from detector.coreset import build_coreset
 from detector.detector import Detector, bank_signature
 from detector.motion import build_motion_model, flow_noise, frame_flow_medians
+from detector.scenes import scene_dir, split_by_scene, write_index
 from stream.prefetch import prefetch
 from stream.allocator import HeapTrimmer
-from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices
+from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices, stc_training_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,36 @@ def _frames(items: list[FootageItem], wanted: list[set[int]], size: int) -> Iter
 
 
 def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: bool = True) -> dict:
-    """Build a bank in `bank_dir` from the normal footage under `data`; returns its metadata."""
+    """Build a bank in `bank_dir` from the normal footage under `data`; returns its metadata, or
+    {"scenes": {scene: metadata}} when it is split by scene (`bank.per_scene`, detector/scenes.py)."""
     bank_dir = Path(bank_dir)
     items = discover(data)
     bcfg = cfg.bank
+    # Frames are chosen over all the footage first, so a per-scene fit costs what a pooled one does.
     selected = select_indices([it.n_frames for it in items], bcfg.every, bcfg.max_frames)
+    scenes = split_by_scene([it.name for it in items], bcfg.per_scene, stc_training_dir(data) is not None)
+    extractor, device = Detector.build_extractor(cfg)
+    if not scenes:
+        return _fit_items(cfg, items, selected, bank_dir, extractor, device, progress, data)
+    bank_dir.mkdir(parents=True, exist_ok=True)
+    clear_bank(bank_dir)
+    metas: dict[str, dict] = {}
+    for scene, idx in scenes.items():
+        log.info("%s: scene %s (%d of %d scenes): %d videos", bank_dir, scene, len(metas) + 1, len(scenes), len(idx))
+        metas[scene] = _fit_items(cfg, [items[i] for i in idx], [selected[i] for i in idx],
+                                  bank_dir / scene_dir(scene), extractor, device, progress, f"{data} (scene {scene})")
+        write_index(bank_dir, list(metas))
+    return {"scenes": metas}
+
+
+def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int]], bank_dir: Path,
+               detector_extractor, device: torch.device, progress: bool, data) -> dict:
+    """Fit one bank from `items`' `selected` frames."""
+    bcfg = cfg.bank
     bank_idx, hold_idx = split_holdout(selected, bcfg.holdout)
     n_bank = sum(map(len, bank_idx))
     if n_bank == 0:
         raise UserError(f"{data}: no frames selected for the bank (check bank.every / bank.max_frames)")
-    detector_extractor, device = Detector.build_extractor(cfg)
     signature = bank_signature(cfg, detector_extractor)
     size = cfg.detector.input_size
     writer = BankWriter(bank_dir, pixel_dim=detector_extractor.pixel_dim, grid=cfg.detector.grid,

@@ -43,6 +43,9 @@ class FrameResult:
     image_score: float = float("nan")  # SPADE's paper image score (kNN over global features)
     components: dict[str, float] = field(default_factory=dict)  # raw evidence behind `score`
     neighbours: np.ndarray | None = None  # bank indices of the k_image nearest frames
+    # The region threshold (anomaly map units) of the bank that scored this frame; None: uncalibrated.
+    # Each camera may have its own bank, so sinks read it here rather than holding one.
+    pixel_threshold: float | None = None
 
     @property
     def is_anomalous(self) -> bool:

@@ -14,7 +14,8 @@ from evaluation.metrics import PixelAuroc, auroc, frame_curve  # noqa: E402
 
 
 def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, pix: PixelAuroc,
-                videos: dict[str, dict], threshold: float) -> list[Path]:
+                videos: dict[str, dict], thresholds: dict[str, float]) -> list[Path]:
+    """roc.png and videos/<name>.png; `thresholds`: each video's frame threshold."""
     written = []
     fig, ax = plt.subplots(figsize=(5, 5))
     if labels.any() and not labels.all():
@@ -45,8 +46,8 @@ def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, pix: Pixe
             ax.fill_between(idx, 0, np.where(lab > 0, top, np.nan), step="mid", color="tab:red", alpha=0.15,
                             label="anomalous (label)")
             ax.plot(idx, s, color="tab:blue", lw=1.0, label="frame score")
-            if math.isfinite(threshold):
-                ax.axhline(threshold, color="tab:orange", lw=0.8, ls="--", label="threshold")
+            if math.isfinite(thresholds[name]):
+                ax.axhline(thresholds[name], color="tab:orange", lw=0.8, ls="--", label="threshold")
         fa = rec["frame_auroc"]
         ax.set_title(f"{name}  frame AUROC {fa:.3f}" if fa == fa else f"{name}  (one class only)")
         ax.set_xlabel("frame")

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.schema import AppConfig
+from configs.errors import UserError
 from detector.detector import Detector
+from detector.scenes import read_index, scene_of
 from evaluation.metrics import PixelAuroc, auroc
 from evaluation.stc import TestVideo, load_test_set
 from stream.footage import read_image
@@ -52,12 +54,13 @@ def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
     raise ValueError(f"unknown smoothing {mode!r}")
 
 
-def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: float, fps: float,
+def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: float | list[float], fps: float,
                      every: int = 1) -> dict:
-    """Alerts per hour of normal footage: rising edges of score >= thr inside normal stretches
-    (maximal runs of label 0 within a video), over their duration at the source fps."""
+    """Alerts per hour of normal footage: rising edges of score >= thr (one, or one per video) inside
+    normal stretches (maximal runs of label 0 within a video), over their duration at the source fps."""
     edges, frames = 0, 0
-    for s, lab in zip(scores, labels):
+    thrs = thr if isinstance(thr, (list, tuple)) else [thr] * len(scores)
+    for s, lab, thr in zip(scores, labels, thrs):
         normal = lab == 0
         i = 0
         while i < len(lab):
@@ -76,11 +79,61 @@ def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: fl
             "false_alarms_per_hour": edges / hours if hours > 0 else float("nan")}
 
 
+class BankDetectors:
+    """The detector each test video is scored with: the bank's, or, for a per-scene bank
+    (detector/scenes.py), its scene's. One scene's detector is held at a time (test videos come in name
+    order, so a scene's videos are consecutive); all share one backbone."""
+
+    def __init__(self, cfg: AppConfig, bank_dir: str | Path, videos: list[TestVideo]):
+        self.cfg, self.bank_dir = cfg, Path(bank_dir)
+        self.scene_banks = read_index(bank_dir)
+        self.scene = {v.name: None for v in videos}
+        self.thresholds: dict[str | None, dict] = {}  # scene -> frame / pixel threshold, source fps
+        self._current: tuple[str | None, Detector] | None = None
+        if self.scene_banks is None:
+            self._current = (None, self._load(None, self.bank_dir))
+            return
+        self.scene = {v.name: scene_of(v.name) for v in videos}
+        unnamed = [n for n, s in self.scene.items() if s is None]
+        if unnamed:
+            raise UserError(f"{bank_dir}: a per-scene bank, but test videos {', '.join(unnamed[:5])} do not follow "
+                            "STC's <scene>_<clip> naming (e.g. 01_0014)")
+        missing = sorted({s for s in self.scene.values() if s not in self.scene_banks})
+        if missing:
+            raise UserError(f"{bank_dir}: no bank for scene(s) {', '.join(missing)} of the test set "
+                            f"(it has {', '.join(self.scene_banks) or 'none'}; fit on training footage of every scene)")
+
+    def _load(self, scene: str | None, directory: Path) -> Detector:
+        built = (self._current[1].extractor, self._current[1].device) if self._current is not None else None
+        det = Detector.load(self.cfg, directory, built)
+        self.thresholds[scene] = {"frame": det.frame_threshold, "pixel": det.pixel_threshold,
+                                  "fps": float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0}
+        return det
+
+    def for_video(self, name: str) -> Detector:
+        scene = self.scene[name]
+        if self._current is None or self._current[0] != scene:
+            self._current = (scene, self._load(scene, self.scene_banks[scene]))
+        return self._current[1]
+
+    def threshold_of(self, name: str) -> float:
+        return self.thresholds[self.scene[name]]["frame"]
+
+    def summary(self, key: str):
+        """One bank's threshold or fps, or {scene: value} of a per-scene bank."""
+        if self.scene_banks is None:
+            return self.thresholds[None][key]
+        return {s: t[key] for s, t in self.thresholds.items()}
+
+
 def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: str | Path, every: int = 1,
              smoothing: str = "none", window: int = 1, progress: bool = True, plots: bool = True) -> dict:
+    """Score an STC-layout test set against a bank (or each test video against its scene's bank) and write
+    metrics.json. Frame scores of different scenes are pooled as they are (micro AUROC): every bank's
+    distances are measured in the same backbone's feature space."""
     out_dir = Path(out_dir)
     videos = load_test_set(data)
-    det = Detector.load(cfg, bank_dir)
+    dets = BankDetectors(cfg, bank_dir, videos)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(len(range(0, len(v.frames), every)) for v in videos)
     per_video: dict[str, dict] = {v.name: {"scores": [], "comps": {}, "idx": []} for v in videos}
@@ -96,7 +149,7 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     try:
         for name, idx, images, prev in batches:
             # One camera id per video: motion state and live smoothing never cross videos.
-            out, comps, scores = det.score_images(images, camera_id=f"eval-{name}", prev_images=prev)
+            out, comps, scores = dets.for_video(name).score_images(images, camera_id=f"eval-{name}", prev_images=prev)
             rec = per_video[name]
             rec["scores"].append(scores)
             rec["idx"].extend(idx)
@@ -143,10 +196,16 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
         }
     labels = np.concatenate(labels_all)
     scores = np.concatenate(scores_all)
+    per_scene = {}
+    if dets.scene_banks is not None:
+        for scene in dict.fromkeys(dets.scene.values()):
+            ix = [i for i, v in enumerate(videos) if dets.scene[v.name] == scene]
+            lab_s, s_s = np.concatenate([labels_all[i] for i in ix]), np.concatenate([scores_all[i] for i in ix])
+            per_scene[scene] = {"n_videos": len(ix), "n_frames": int(len(lab_s)), "frame_auroc": auroc(lab_s, s_s)}
     macro = [r["frame_auroc"] for r in videos_out.values() if not math.isnan(r["frame_auroc"])]
-    thr = det.frame_threshold
-    alarm = scores >= thr
-    fps_src = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
+    thr = [dets.threshold_of(v.name) for v in videos]
+    alarm = scores >= np.concatenate([np.full(len(s), t) for s, t in zip(scores_all, thr)])
+    fps_src = float(np.median([t["fps"] for t in dets.thresholds.values()]))
     fa = false_alarm_rate([np.asarray(r["scores"]) for r in videos_out.values()],
                           [np.asarray(r["labels"]) for r in videos_out.values()], thr, fps_src, every)
     metrics = {
@@ -163,24 +222,25 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
         # score; mode/window: the extra offline smoothing of `eval --smooth`, applied on top of it
         "smoothing": {"mode": smoothing, "window": window, "detector_causal_window": cfg.detector.smooth_window},
         "component_auroc_micro": {k: auroc(labels, np.concatenate(v)) for k, v in comps_all.items()},
-        "threshold": thr,
+        "threshold": dets.summary("frame"),
         "at_threshold": {
             "recall": float(alarm[labels == 1].mean()) if labels.any() else float("nan"),
             "false_positive_rate": float(alarm[labels == 0].mean()) if (labels == 0).any() else float("nan"),
             **fa,
         },
-        "pixel_threshold": det.pixel_threshold,
+        "pixel_threshold": dets.summary("pixel"),
         "fps": total / elapsed if elapsed > 0 else float("nan"),
         "config": cfg.detector.model_dump(),
         "bank": str(bank_dir),
         "data": str(data),
+        **({"per_scene": per_scene} if per_scene else {}),
         "per_video": videos_out,
     }
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
     if plots:
         from evaluation.plots import write_plots
 
-        write_plots(out_dir, labels, scores, pix_all, videos_out, thr)
+        write_plots(out_dir, labels, scores, pix_all, videos_out, dict(zip(videos_out, thr)))
     return metrics
 
 

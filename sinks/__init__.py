@@ -124,7 +124,7 @@ class SinkSet:
 
 
 def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | None,
-                fps_hint: float = 25.0, pixel_threshold: float | None = None) -> SinkSet:
+                fps_hint: float = 25.0) -> SinkSet:
     """Redis when `redis.url` is set; JSONL when enabled, or by default when there is no Redis URL
     (at `jsonl.path`, else `<out_dir>/events.jsonl`); video when `video.dir` is set. Snapshots go to
     `alerts.snapshot_dir`, else `<out_dir>/snapshots`; without either, alerts carry no snapshot."""
@@ -153,7 +153,7 @@ def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | No
         if cfg.video.dir:
             from sinks.video import VideoSink
 
-            sinks.append(VideoSink(cfg.video, fps_hint=fps_hint, pixel_threshold=pixel_threshold))
+            sinks.append(VideoSink(cfg.video, fps_hint=fps_hint))
     except BaseException:
         for s in sinks:  # don't leak a started Redis worker or an open file on a config error
             try:
@@ -162,7 +162,7 @@ def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | No
                 pass
         raise
     snap_dir = alerts.snapshot_dir or (out / "snapshots" if out else None)
-    snapshots = SnapshotWriter(snap_dir, pixel_threshold=pixel_threshold) if snap_dir else None
+    snapshots = SnapshotWriter(snap_dir) if snap_dir else None
     return SinkSet(sinks, AlertTracker(alerts), snapshots)
 
 

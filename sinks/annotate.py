@@ -132,16 +132,16 @@ def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height:
     return canvas
 
 
-def annotate_frame(image: np.ndarray, result: FrameResult, pixel_threshold: float | None = None,
-                   map_floor: float = 1.0, alpha: float = 0.6,
+def annotate_frame(image: np.ndarray, result: FrameResult, map_floor: float = 1.0, alpha: float = 0.6,
                    colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:
-    """Heatmap + region boxes + status bar on a copy of `image` (RGB). Used as-is for snapshots."""
+    """Heatmap + region boxes + status bar on a copy of `image` (RGB). Used as-is for snapshots. The
+    heat scale follows the result's own pixel threshold (its camera's bank)."""
     canvas = np.array(image, dtype=np.uint8, copy=True)
     h, w = canvas.shape[:2]
     amap = result.anomaly_map
     finite = amap[np.isfinite(amap)] if amap is not None else np.empty(0)
     map_max = float(finite.max()) if finite.size else float("nan")
-    lo, hi = heat_range(map_max, pixel_threshold, map_floor)
+    lo, hi = heat_range(map_max, result.pixel_threshold, map_floor)
     if math.isfinite(map_max) and map_max > lo:  # nothing to tint: skip the full-size resize and blend
         heatmap_overlay(canvas, result.map_at((w, h)), lo, hi, alpha, colormap)
     fw, fh = result.frame_size
@@ -154,9 +154,8 @@ def annotate_frame(image: np.ndarray, result: FrameResult, pixel_threshold: floa
 class Annotator:
     """Full overlay for recorded video: `annotate_frame` plus each camera's scrolling score timeline."""
 
-    def __init__(self, pixel_threshold: float | None = None, timeline_s: float = 10.0,
-                 map_floor: float = 1.0, alpha: float = 0.6, colormap: int = cv2.COLORMAP_INFERNO) -> None:
-        self.pixel_threshold = pixel_threshold
+    def __init__(self, timeline_s: float = 10.0, map_floor: float = 1.0, alpha: float = 0.6,
+                 colormap: int = cv2.COLORMAP_INFERNO) -> None:
         self.timeline_s = float(timeline_s)
         self.map_floor = map_floor
         self.alpha = alpha
@@ -171,6 +170,5 @@ class Annotator:
         hist.append((ts, float(result.score), float(result.threshold)))
         while hist and hist[0][0] < ts - self.timeline_s:
             hist.popleft()
-        canvas = annotate_frame(frame.image, result, self.pixel_threshold, self.map_floor, self.alpha,
-                                self.colormap)
+        canvas = annotate_frame(frame.image, result, self.map_floor, self.alpha, self.colormap)
         return draw_timeline(canvas, hist, ts, self.timeline_s)

@@ -40,14 +40,13 @@ class VideoSink:
     as the source keeps its rate.
     """
 
-    def __init__(self, cfg: VideoSinkConfig, fps_hint: float | None = 25.0,
-                 pixel_threshold: float | None = None) -> None:
+    def __init__(self, cfg: VideoSinkConfig, fps_hint: float | None = 25.0) -> None:
         if not cfg.dir:
             raise ValueError("VideoSinkConfig.dir is required")
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.fps = float(fps_hint) if fps_hint and fps_hint > 0 else 25.0
-        self.annotator = Annotator(pixel_threshold=pixel_threshold, timeline_s=cfg.timeline_s)
+        self.annotator = Annotator(timeline_s=cfg.timeline_s)
         self.paths: list[str] = []  # every file this sink created, in order
         self._recs: dict[str, _Recording] = {}
         self._closed = False

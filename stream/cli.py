@@ -30,7 +30,10 @@ def _parse_source(spec: str):
 def add_live_commands(sub, common) -> None:
     p = sub.add_parser("run", help="run the live pipeline on cameras and files")
     common(p)
-    p.add_argument("--bank", required=True, help="memory bank directory (from `fit`)")
+    p.add_argument("--bank", default=None,
+                   help="memory bank directory (from `fit`) of every camera without a bank of its own")
+    p.add_argument("--camera-bank", action="append", default=[], metavar="NAME=DIR",
+                   help="camera NAME's own bank (repeatable; sets sources[].bank)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=URL",
                    help="add a camera or file (repeatable); adds to the config's sources")
     p.add_argument("--redis", default=None, metavar="URL", help="publish to Redis (redis:// or rediss://)")
@@ -47,7 +50,7 @@ def add_live_commands(sub, common) -> None:
     p = sub.add_parser("synth", help="write the synthetic STC-layout data set (tests, demos, benchmarks)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, help="activity seed")
-    p.add_argument("--camera", type=int, default=0, help="scene (layout and background) seed")
+    p.add_argument("--camera", type=int, default=0, help="scene (layout and background) seed; its STC scene number, camera + 1, prefixes the names, so runs with other --camera values into one --out make a multi-scene set")
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT (even numbers)")
     p.add_argument("--train-videos", type=int, default=2)
     p.add_argument("--train-frames", type=int, default=240)
@@ -80,6 +83,15 @@ def _apply_cli_overrides(cfg, args):
         if any(s.name == sc.name for s in cfg.sources):
             raise UserError(f"--source {sc.name}: a source with this name is already in the config")
         cfg.sources.append(sc)
+    for spec in getattr(args, "camera_bank", []):
+        name, sep, path = spec.partition("=")
+        src = next((s for s in cfg.sources if s.name == name), None)
+        if not sep or not path:
+            raise UserError(f"--camera-bank {spec!r}: expected NAME=DIR (e.g. gate=banks/gate)")
+        if src is None:
+            raise UserError(f"--camera-bank {name}: no source of that name (sources: "
+                            f"{', '.join(s.name for s in cfg.sources) or 'none'})")
+        src.bank = path
     if getattr(args, "redis", None):
         cfg.sinks.redis.url = args.redis
     if getattr(args, "video_out", None):
@@ -91,8 +103,10 @@ def _apply_cli_overrides(cfg, args):
     return cfg
 
 
-def run_pipeline(cfg, bank: Path, out_dir: Path, duration=None, progress=True):
-    from detector.detector import Detector
+def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=True):
+    """Run the live pipeline on cfg.sources, each camera scored against its own bank (sources[].bank)
+    or `bank`."""
+    from detector.cameras import CameraDetectors
     from sinks import build_sinks
     from stream.pipeline import Pipeline
 
@@ -107,11 +121,11 @@ def run_pipeline(cfg, bank: Path, out_dir: Path, duration=None, progress=True):
 
         names = configs.load_secrets(cfg.pipeline.secrets_file)
         log.info("secrets file %s: %d name(s) loaded", cfg.pipeline.secrets_file, len(names))
-    det = Detector.load(cfg, bank)
+    det = CameraDetectors.load(cfg, bank)
     det.warm_up(cfg.pipeline.max_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
     fps_hint = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
-    sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=fps_hint, pixel_threshold=det.pixel_threshold)
+    sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=fps_hint)
     metrics = None
     try:
         pipe = Pipeline(cfg, det, sinks)
@@ -142,7 +156,7 @@ def cmd_run(args) -> int:
     import configs
 
     cfg = apply_cli_overrides(configs.load(args.config), args)
-    summary = run_pipeline(cfg, Path(args.bank), Path(args.out), args.duration,
+    summary = run_pipeline(cfg, Path(args.bank) if args.bank else None, Path(args.out), args.duration,
                            progress=cfg.pipeline.progress and not args.no_progress and not args.quiet)
     print(json.dumps(_summary_json(summary), indent=1, default=str))
     failed = [n for n, c in summary.cameras.items() if c.get("error")]

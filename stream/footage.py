@@ -84,6 +84,14 @@ def _reason(err: Exception) -> str:
     return msg.strip().rstrip(".") or type(err).__name__
 
 
+def stc_training_dir(root: str | Path) -> Path | None:
+    """The normal footage folder of an STC-layout root (training/videos or training/frames), else None."""
+    for sub in ("videos", "frames"):
+        if (Path(root) / "training" / sub).is_dir():
+            return Path(root) / "training" / sub
+    return None
+
+
 def discover(root: str | Path) -> list[FootageItem]:
     """The normal footage under `root`, each item probed for its frame count."""
     root = Path(root)
@@ -93,11 +101,7 @@ def discover(root: str | Path) -> list[FootageItem]:
         if root.suffix.lower() in VIDEO_EXTS:
             return [probe_video(root)]
         raise UserError(f"{root}: expected a folder (STC root, videos or images) or a video file")
-    base = root
-    if (root / "training" / "videos").is_dir():
-        base = root / "training" / "videos"
-    elif (root / "training" / "frames").is_dir():
-        base = root / "training" / "frames"
+    base = stc_training_dir(root) or root
     items: list[FootageItem] = []
     videos = sorted((p for p in base.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTS), key=natural_key)
     items += [probe_video(p) for p in videos]

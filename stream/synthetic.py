@@ -732,7 +732,9 @@ def generate_stc(root: Union[str, os.PathLike], *, seed: int = 0, size: tuple[in
     root/testing/test_pixel_mask/01_NNNN.npy        uint8 (T, H, W), 1 = anomalous pixel
 
     Test video i holds anomaly ANOMALIES[i % 3] and normal frames before and after it (given enough
-    frames: from 120 at 24 fps). `camera` fixes the scene, `seed` the activity in every video.
+    frames: from 120 at 24 fps). `camera` fixes the scene and its STC scene number in the names (camera + 1;
+    the 01 above is camera 0), so sets of several cameras written to one root form a multi-scene set.
+    `seed` fixes the activity in every video.
     """
     from stream.video_writer import VideoWriter
 
@@ -748,7 +750,7 @@ def generate_stc(root: Union[str, os.PathLike], *, seed: int = 0, size: tuple[in
 
     train = []
     for i in range(train_videos):
-        name = f"01_{i + 1:03d}"
+        name = f"{camera + 1:02d}_{i + 1:03d}"
         path = os.path.join(train_dir, name + ".avi")
         # crf 12 pins MJPEG's quantiser at 2, close to the test frames' JPEG quality 95.
         with VideoWriter(path, w, h, fps, crf=12) as writer:
@@ -759,7 +761,7 @@ def generate_stc(root: Union[str, os.PathLike], *, seed: int = 0, size: tuple[in
     test = []
     digits = max(3, len(str(test_frames - 1)))
     for i in range(test_videos):
-        name = f"01_{14 + i:04d}"
+        name = f"{camera + 1:02d}_{14 + i:04d}"
         kind = ANOMALIES[i % len(ANOMALIES)]
         vdir = os.path.join(frames_root, name)
         os.makedirs(vdir, exist_ok=True)

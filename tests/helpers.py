@@ -79,7 +79,7 @@ class DetectorThreadOnly:
 def run(cfg, bank, out, sources, duration=None, detector=None):
     cfg.sources = sources
     det = detector or Detector.load(cfg, bank)
-    sinks = build_sinks(cfg.sinks, cfg.alerts, out, pixel_threshold=det.pixel_threshold)
+    sinks = build_sinks(cfg.sinks, cfg.alerts, out)
     pipe = Pipeline(cfg, det, sinks)
     return pipe, pipe.run(duration_s=duration, progress=False)
 
@@ -88,7 +88,7 @@ def run_until(cfg, bank, out, sources, done, timeout=90.0, detector=None):
     """Run until `done(pipe)` holds (or `timeout`): tests stay correct on a slow or loaded machine."""
     cfg.sources = sources
     det = detector or Detector.load(cfg, bank)
-    pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, out, pixel_threshold=det.pixel_threshold))
+    pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, out))
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=timeout, progress=False)))
     t.start()

@@ -50,8 +50,7 @@ class Running:
     def __init__(self, sources, detector, out, **pipeline_kw):
         cfg = base_cfg(**pipeline_kw)
         cfg.sources = sources
-        self.pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, out,
-                                                        pixel_threshold=detector.pixel_threshold))
+        self.pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, out))
         self.metrics = MetricsServer(self.pipe, 0)
 
     def __enter__(self):

@@ -149,7 +149,7 @@ def test_rtsp_server_killed_and_restarted(env, tmp_path):
                            reconnect_base_s=0.3, reconnect_max_s=1.0)
         cfg.sources = [src]
         det = Detector.load(cfg, env / "bank")
-        sinks = build_sinks(cfg.sinks, cfg.alerts, tmp_path, pixel_threshold=det.pixel_threshold)
+        sinks = build_sinks(cfg.sinks, cfg.alerts, tmp_path)
         pipe = Pipeline(cfg, det, sinks)
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=20, progress=False)))

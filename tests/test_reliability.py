@@ -63,7 +63,7 @@ def _redis_run(env, detector, out: Path, outage: bool):
         cfg.sinks.jsonl.enabled = True
         cfg.sources = [SourceConfig(name="cam", url=str(env / "two.mp4"))]
         det = GatedDetector(detector, hold_at=118 if outage else None)
-        sinks = build_sinks(cfg.sinks, cfg.alerts, out, pixel_threshold=detector.pixel_threshold)
+        sinks = build_sinks(cfg.sinks, cfg.alerts, out)
         redis_sink = next(s for s in sinks.sinks if type(s).__name__ == "RedisSink")
         pipe = Pipeline(cfg, det, sinks)
         box = {}
@@ -136,8 +136,7 @@ def test_silent_camera_does_not_hang_the_pipeline(env, detector, tmp_path):
                          reconnect_base_s=0.2, reconnect_max_s=0.5),
             SourceConfig(name="ok", url=str(env / "plain.mp4"), fps=24, loop=True),
         ]
-        pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path,
-                                                   pixel_threshold=detector.pixel_threshold))
+        pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path))
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=240, progress=False)))
         t.start()
@@ -173,8 +172,7 @@ def test_duration_ends_the_run_while_no_camera_delivers(env, detector, tmp_path)
                      reconnect_base_s=0.2, reconnect_max_s=0.5),
         SourceConfig(name="file", url=str(env / "plain.mp4")),
     ]
-    pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path,
-                                               pixel_threshold=detector.pixel_threshold))
+    pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path))
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=8, progress=False)))
     t.start()

@@ -143,8 +143,7 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
             cfg.sources.append(SourceConfig(name="cam", url=rtsp.url, username_env="CAM_USER",
                                             password_env="CAM_PW", open_timeout_s=5, read_timeout_s=3))
         det = Detector.load(cfg, env / "bank")
-        pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, tmp_path / "out",
-                                              pixel_threshold=det.pixel_threshold))
+        pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, tmp_path / "out"))
         metrics = MetricsServer(pipe, 0).start()
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=200, progress=False)))

@@ -24,14 +24,14 @@ BOX = Region(20, 10, 50, 40, 0.9, 0.6, 600)
 ALERTS = AlertsConfig(min_duration_s=0.2, exit_duration_s=0.2, update_interval_s=0.2)
 
 
-def make(i, score, camera="cam", fps=10.0, size=(W, H), threshold=1.0, seed=None):
+def make(i, score, camera="cam", fps=10.0, size=(W, H), threshold=1.0, seed=None, pixel_threshold=None):
     rng = np.random.default_rng(i if seed is None else seed)
     w, h = size
     ts = 500.0 + i / fps
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     amap = rng.random((256, 256), dtype=np.float32)
     regions = [BOX] if score >= threshold else []
-    res = FrameResult(camera, i, ts, float(score), threshold, amap, regions, (w, h))
+    res = FrameResult(camera, i, ts, float(score), threshold, amap, regions, (w, h), pixel_threshold=pixel_threshold)
     return res, Frame(camera, i, ts, img)
 
 
@@ -137,9 +137,9 @@ def test_video_sink_resizes_frames_after_a_resolution_change(tmp_path):
 
 # -- snapshots and overlay -------------------------------------------------------------------------
 def test_snapshot_written_atomically_with_stable_path(tmp_path):
-    sw = SnapshotWriter(tmp_path, pixel_threshold=0.5)
-    p1 = sw.save("cam", "cam-1-abc", *reversed(make(3, 2.0)))
-    p2 = sw.save("cam", "cam-1-abc", *reversed(make(4, 3.0)))
+    sw = SnapshotWriter(tmp_path)
+    p1 = sw.save("cam", "cam-1-abc", *reversed(make(3, 2.0, pixel_threshold=0.5)))
+    p2 = sw.save("cam", "cam-1-abc", *reversed(make(4, 3.0, pixel_threshold=0.5)))
     assert p1 == p2 == str(tmp_path / "cam" / "cam-1-abc.jpg")
     img = cv2.imread(p1)
     assert img is not None and img.shape == (H, W, 3)
@@ -148,9 +148,9 @@ def test_snapshot_written_atomically_with_stable_path(tmp_path):
 
 @pytest.mark.parametrize("pixel_threshold", [None, 0.5])
 def test_annotate_returns_same_size_rgb(pixel_threshold):
-    ann = Annotator(pixel_threshold=pixel_threshold, timeline_s=2.0)
+    ann = Annotator(timeline_s=2.0)
     for i in range(30):
-        res, frame = make(i, 0.5 + i / 20)
+        res, frame = make(i, 0.5 + i / 20, pixel_threshold=pixel_threshold)
         out = ann.annotate(frame, res)
         assert out.shape == frame.image.shape and out.dtype == np.uint8
         assert out is not frame.image and not np.shares_memory(out, frame.image)
@@ -163,12 +163,16 @@ def test_calm_map_leaves_the_picture_untouched_below_the_bars():
     frame = Frame("cam", 0, res.timestamp, img)
     res.anomaly_map = np.full((256, 256), 0.1, np.float32)  # far below the pixel threshold
     res.frame_size = (320, 240)
-    out = annotate_frame(frame.image, res, pixel_threshold=1.0)
+    res.pixel_threshold = 1.0
+    out = annotate_frame(frame.image, res)
     assert np.array_equal(out[40:200], img[40:200])
+    res.pixel_threshold = 0.05  # the same map from a camera whose bank calls 0.1 anomalous: tinted
+    assert not np.array_equal(annotate_frame(frame.image, res)[40:200], img[40:200])
+    res.pixel_threshold = 1.0
     hot = res.anomaly_map.copy()
     hot[100:160, 100:160] = 3.0
     res.anomaly_map = hot
-    out = annotate_frame(frame.image, res, pixel_threshold=1.0)
+    out = annotate_frame(frame.image, res)
     assert not np.array_equal(out[40:200], img[40:200])
     res.anomaly_map = np.full((256, 256), math.nan, np.float32)
     assert annotate_frame(frame.image, res).shape == img.shape  # garbage in: still a picture out
