@@ -1,7 +1,7 @@
 """Cameras with memory banks of their own on one live pipeline (`sources[].bank`).
 
 Each fixed camera's normal footage is its own normal model: pooled into one bank, cameras share the
-coreset's budget and one set of thresholds (benchmarks/RESULTS.md 4e: a real camera lost 0.08 frame AUROC
+coreset's budget and one set of thresholds (benchmarks/RESULTS.md 4e: a real camera lost 0.07 frame AUROC
 pooled with three others). One process still serves them all: the detectors share one backbone, each
 batch from the batcher is scored per bank, and the results come back in the batch's order.
 """

@@ -58,7 +58,10 @@ def heatmap_overlay(canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, 
     heat = heat.astype(np.float32, copy=False)
     if not np.isfinite(heat).all():
         heat = np.nan_to_num(heat, nan=lo, posinf=hi, neginf=lo)
-    frac = cv2.max(cv2.min((heat - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-12)), 1.0), 0.0)
+    frac = (heat - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-12))
+    # Clamp to [0, 1] in place with thresholds: cv2.min/max take a 1x1 array for a scalar, np.clip is ~6x slower.
+    cv2.threshold(frac, 1.0, 1.0, cv2.THRESH_TRUNC, dst=frac)
+    cv2.threshold(frac, 0.0, 0.0, cv2.THRESH_TOZERO, dst=frac)
     colour = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(frac, alpha=255), colormap),
                           cv2.COLOR_BGR2RGB)
     a = cv2.multiply(frac, frac, scale=float(alpha))  # quadratic: faint values stay faint

@@ -228,3 +228,13 @@ def test_build_sinks_defaults(tmp_path):
     off = build_sinks(SinksConfig(jsonl=JsonlSinkConfig(enabled=False)), ALERTS, None)
     assert off.sinks == [] and off.snapshots is None
     off.close()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1), (2, 2)])
+def test_overlay_on_tiny_frames(size):
+    """OpenCV takes a 1x1 array for a scalar in min/max: a 1x1 frame once failed in the video sink."""
+    w, h = size
+    res, _ = make(0, 2.0, size=size)
+    res.anomaly_map = np.full((256, 256), 3.0, np.float32)
+    out = annotate_frame(np.zeros((h, w, 3), np.uint8), res)  # no pixel threshold: the frame's own scale
+    assert out.shape == (h, w, 3) and out.any()
