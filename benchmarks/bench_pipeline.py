@@ -70,6 +70,9 @@ def parse_args(argv=None):
                     help="source.hwaccel of the e2e cameras and the N-thread decode (default none); "
                          "decode_fps is always software, decode_hw_fps NVDEC when --hwaccel cuda")
     ap.add_argument("--video", action="store_true", help="also run the annotated-video sink in e2e")
+    ap.add_argument("--bank-per-camera", action="store_true",
+                    help="multi-camera runs give each camera its own copy of the bank (sources[].bank): "
+                         "the cost of scoring cameras against banks of their own")
     ap.add_argument("--profile", action="store_true", help="torch-profile one backbone and scoring pass")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     ap.add_argument("--label", default=None, help="free text stored in the JSON")
@@ -214,12 +217,27 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             "scoring_cpu_ms": totals["scoring_cpu"] * 1000.0 / n}
 
 
-def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none") -> dict:
+def camera_banks(bank: Path, n: int) -> list[Path]:
+    """n copies of the bank beside it, one per camera (distinct folders are distinct banks to `run`)."""
+    out = []
+    for i in range(n):
+        copy = bank.parent / f"{bank.name}_cam{i}"
+        if not (copy / "meta.json").is_file():
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(bank, copy)
+        out.append(copy)
+    return out
+
+
+def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none",
+            own_banks: bool = False) -> dict:
     from configs.schema import SourceConfig
     from stream.cli import run_pipeline
 
     c = cfg.model_copy(deep=True)
-    c.sources = [SourceConfig(name=f"cam{i}", url=str(clip), hwaccel=hwaccel) for i in range(n_cams)]
+    banks = camera_banks(bank, n_cams) if own_banks else [None] * n_cams
+    c.sources = [SourceConfig(name=f"cam{i}", url=str(clip), hwaccel=hwaccel, bank=str(b) if b else None)
+                 for i, b in enumerate(banks)]
     shutil.rmtree(out, ignore_errors=True)
     c.sinks.jsonl.enabled = True
     c.sinks.jsonl.path = str(out / "events.jsonl")
@@ -354,8 +372,8 @@ def main(argv=None) -> int:
             multi_detail[1] = {"fps": multi[1], "runs": reps["e2e_fps"], "decode_fps": decode_threads[n]}
             continue
         bu.log(f"multi-camera: {n} cameras ...")
-        runs = [run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video, args.hwaccel)
-                for _ in range(args.multi_repeats)]
+        runs = [run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video, args.hwaccel,
+                        args.bank_per_camera) for _ in range(args.multi_repeats)]
         multi[n] = bu.median([x["fps"] for x in runs])
         multi_detail[n] = {"fps": multi[n], "runs": [x["fps"] for x in runs], "decode_fps": decode_threads[n],
                            "stage_ms": {k: bu.median([x["stage_ms"].get(k) for x in runs])
@@ -368,6 +386,7 @@ def main(argv=None) -> int:
     stage_ms = {k: round(bu.median(v) * 1000.0, 3) for k, v in stage_reps.items()}
     result = {
         "config": str(args.config or "default"),
+        "bank_per_camera": args.bank_per_camera,
         "label": args.label,
         "backbone": d.backbone.name,
         "weights": d.backbone.weights or "pretrained",

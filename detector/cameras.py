@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from configs.errors import UserError
 from configs.schema import AppConfig
@@ -93,8 +94,16 @@ class CameraDetectors:
         for i, f in enumerate(frames):
             det = self.detector_for(f.camera_id)
             groups.setdefault(id(det), (det, []))[1].append(i)
-        parts = [(idx, det.score_batch([frames[i] for i in idx], all_components=all_components))
-                 for det, idx in groups.values()]
+        # One backbone pass for the whole batch (the banks share the backbone), then each bank scores its
+        # cameras' rows: splitting the batch would run the backbone on smaller, slower batches.
+        small = self.first.model_inputs(frames)
+        pyr, glob = self.first.features(small)
+        parts = []
+        for det, idx in groups.values():
+            rows = torch.as_tensor(idx, device=pyr.device)
+            parts.append((idx, det.score_batch([frames[i] for i in idx], all_components=all_components,
+                                               small=small[idx], features=(pyr.index_select(0, rows),
+                                                                           glob.index_select(0, rows)))))
         return CameraBatch(parts, len(frames))
 
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:

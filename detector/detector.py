@@ -373,8 +373,9 @@ class Detector:
             return np.array([self._smoother(c, v) for c, v in zip(camera_ids, scores)])
 
     def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None,
-                       all_components: bool = True, motion: np.ndarray | None = None):
-        pyr, glob = self.features(small)
+                       all_components: bool = True, motion: np.ndarray | None = None,
+                       features: tuple[torch.Tensor, torch.Tensor] | None = None):
+        pyr, glob = features if features is not None else self.features(small)
         if motion is None:
             motion = self.motion_features(small, cams, prev_small, indices)
         out, comps = self.score_tensors(pyr, glob, motion, all_components=all_components)
@@ -433,12 +434,15 @@ class Detector:
         """Results of a batch, every frame component included (evaluation, tests)."""
         return self.score_batch(frames, all_components=True).results()
 
-    def score_batch(self, frames: Sequence[Frame], all_components: bool = False) -> ScoredBatch:
+    def score_batch(self, frames: Sequence[Frame], all_components: bool = False, small: np.ndarray | None = None,
+                    features: tuple[torch.Tensor, torch.Tensor] | None = None) -> ScoredBatch:
         """The live path: scores now, per-frame results later (`ScoredBatch.results`, on the sink
-        thread); frame components the frame score does not read are skipped unless `all_components`."""
-        small = self.model_inputs(frames)
+        thread); frame components the frame score does not read are skipped unless `all_components`.
+        `small` / `features`: the frames' model inputs and backbone features when already computed (one
+        backbone pass serves the cameras of several banks, detector/cameras.py)."""
+        small = self.model_inputs(frames) if small is None else small
         out, comps, scores = self._score_resized(small, [f.camera_id for f in frames], all_components=all_components,
-                                                 motion=self.frame_motion(frames, small))
+                                                 motion=self.frame_motion(frames, small), features=features)
         return self.scored(frames, out, comps, scores)
 
     def scored(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],
