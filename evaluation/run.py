@@ -59,8 +59,8 @@ def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: fl
     """Alerts per hour of normal footage: rising edges of score >= thr (one, or one per video) inside
     normal stretches (maximal runs of label 0 within a video), over their duration at the source fps."""
     edges, frames = 0, 0
-    thrs = thr if isinstance(thr, (list, tuple)) else [thr] * len(scores)
-    for s, lab, thr in zip(scores, labels, thrs):
+    per_video = thr if isinstance(thr, (list, tuple)) else [thr] * len(scores)
+    for s, lab, t in zip(scores, labels, per_video):
         normal = lab == 0
         i = 0
         while i < len(lab):
@@ -70,7 +70,7 @@ def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: fl
             j = i
             while j < len(lab) and normal[j]:
                 j += 1
-            a = s[i:j] >= thr
+            a = s[i:j] >= t
             edges += int(a[0]) + int(np.count_nonzero(a[1:] & ~a[:-1]))
             frames += j - i
             i = j
