@@ -90,7 +90,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     bank_dir = Path(bank_dir)
     items = discover(data)
     bcfg = cfg.bank
-    # Frames are chosen over all the footage first, so a per-scene fit costs what a pooled one does.
+    # Frames are chosen over all the footage first: a per-scene fit decodes and stores what a pooled one does.
     selected = select_indices([it.n_frames for it in items], bcfg.every, bcfg.max_frames)
     scenes = split_by_scene([it.name for it in items], bcfg.per_scene, stc_training_dir(data) is not None)
     extractor, device = Detector.build_extractor(cfg)
