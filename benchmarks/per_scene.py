@@ -42,7 +42,7 @@ def link_scene(src: Path, dst: Path, scene: str, rename: dict[str, str] | None =
             (dst / "testing" / sub / f"{scene}_{clip}{ext}").symlink_to(p.resolve())
 
 
-def build_set(out: Path, avenue: Path | None, synthetic: int) -> tuple[Path, dict[str, str]]:
+def build_set(out: Path, avenue: Path | None, synthetic: int, **gen) -> tuple[Path, dict[str, str]]:
     from stream.synthetic import generate_stc
 
     root = out / "set"
@@ -54,10 +54,10 @@ def build_set(out: Path, avenue: Path | None, synthetic: int) -> tuple[Path, dic
         names[f"{n:02d}"] = f"Avenue sample ({avenue})"
         n += 1
     for camera in range(synthetic):
-        gen = out / f"synthetic_{camera}"
-        if not (gen / "testing").exists():
-            generate_stc(gen, seed=camera, camera=camera)
-        link_scene(gen, root, f"{n:02d}")
+        where = out / f"synthetic_{camera}"
+        if not (where / "testing").exists():
+            generate_stc(where, seed=camera, camera=camera, **gen)
+        link_scene(where, root, f"{n:02d}")
         names[f"{n:02d}"] = f"synthetic camera {camera} (seed {camera})"
         n += 1
     (root / "scenes.txt").write_text(json.dumps(names))
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--avenue", default=str(ROOT.parent / "shared" / "data" / "avenue_stc"))
     ap.add_argument("--synthetic-scenes", type=int, default=3)
+    ap.add_argument("--train-frames", type=int, default=240, help="per generated training video (2 a scene)")
+    ap.add_argument("--test-frames", type=int, default=120, help="per generated test video (3 a scene)")
     ap.add_argument("--config", default=None)
     ap.add_argument("--out", default="/tmp/per_scene")
     ap.add_argument("--json", default=None)
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
     if not (avenue / "testing").is_dir():
         log(f"{avenue}: absent, the set is synthetic scenes only")
         avenue = None
-    data, names = build_set(out, avenue, args.synthetic_scenes)
+    data, names = build_set(out, avenue, args.synthetic_scenes, train_frames=args.train_frames,
+                            test_frames=args.test_frames)
     if len(names) < 2:
         raise SystemExit("per_scene.py: needs two scenes or more (--synthetic-scenes)")
     rows = []
