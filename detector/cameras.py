@@ -101,9 +101,10 @@ class CameraDetectors:
         parts = []
         for det, idx in groups.values():
             rows = torch.as_tensor(idx, device=pyr.device)
+            # Indexing keeps the pyramid channels-last (index_select would not): the scorer reads its
+            # [cells, C] rows as a view.
             parts.append((idx, det.score_batch([frames[i] for i in idx], all_components=all_components,
-                                               small=small[idx], features=(pyr.index_select(0, rows),
-                                                                           glob.index_select(0, rows)))))
+                                               small=small[idx], features=(pyr[rows], glob[rows]))))
         return CameraBatch(parts, len(frames))
 
     def score_frames(self, frames: Sequence[Frame]) -> list[FrameResult]:

@@ -102,14 +102,15 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     for scene, idx in scenes.items():
         log.info("%s: scene %s (%d of %d scenes): %d videos", bank_dir, scene, len(metas) + 1, len(scenes), len(idx))
         metas[scene] = _fit_items(cfg, [items[i] for i in idx], [selected[i] for i in idx],
-                                  bank_dir / scene_dir(scene), extractor, device, progress, f"{data} (scene {scene})")
+                                  bank_dir / scene_dir(scene), extractor, device, progress, f"{data} (scene {scene})",
+                                  desc=f"fit scene {scene}")
         write_index(bank_dir, list(metas))
     return {"scenes": metas}
 
 
 def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int]], bank_dir: Path,
-               detector_extractor, device: torch.device, progress: bool, data) -> dict:
-    """Fit one bank from `items`' `selected` frames."""
+               detector_extractor, device: torch.device, progress: bool, data, desc: str = "fit") -> dict:
+    """Fit one bank from `items`' `selected` frames (`data` names them in errors, `desc` in the progress bar)."""
     bcfg = cfg.bank
     bank_idx, hold_idx = split_holdout(selected, bcfg.holdout)
     n_bank = sum(map(len, bank_idx))
@@ -151,7 +152,7 @@ def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int
             batch_prev.clear()
 
         trimmer = HeapTrimmer()
-        bar = tqdm(total=sum(map(len, wanted)), desc="fit", unit="frame", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=sum(map(len, wanted)), desc=desc, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
             for i, f, small in _frames(items, wanted, size):
                 prev = last.get(i)
