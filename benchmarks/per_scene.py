@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchutil import git_info, log, write_json  # noqa: E402
+from benchmarks.benchutil import git_info, log, short_hash, write_json  # noqa: E402
 
 SUBDIRS = {"frames": "", "test_frame_mask": ".npy", "test_pixel_mask": ".npy"}
 
@@ -45,7 +45,8 @@ def link_scene(src: Path, dst: Path, scene: str, rename: dict[str, str] | None =
 def build_set(out: Path, avenue: Path | None, synthetic: int, **gen) -> tuple[Path, dict[str, str]]:
     from stream.synthetic import generate_stc
 
-    root = out / "set"
+    # Named by what it holds, so another --avenue / scene count / footage length never reuses a stale set.
+    root = out / f"set_{short_hash([str(avenue), synthetic, gen])}"
     if (root / "testing").exists():
         return root, json.loads((root / "scenes.txt").read_text())
     names, n = {}, 1
@@ -54,7 +55,7 @@ def build_set(out: Path, avenue: Path | None, synthetic: int, **gen) -> tuple[Pa
         names[f"{n:02d}"] = f"Avenue sample ({avenue})"
         n += 1
     for camera in range(synthetic):
-        where = out / f"synthetic_{camera}"
+        where = out / f"synthetic_{camera}_{short_hash(gen)}"
         if not (where / "testing").exists():
             generate_stc(where, seed=camera, camera=camera, **gen)
         link_scene(where, root, f"{n:02d}")

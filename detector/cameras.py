@@ -55,15 +55,14 @@ class CameraDetectors:
                             "(set sources[].bank, or give --bank for every camera without one)")
         loaded: dict[Path, Detector] = {}
         by_camera: dict[str, Detector] = {}
-        shared = None  # (extractor, device) of the first bank: one backbone for all
         for s in cfg.sources:
             path = Path(s.bank if s.bank is not None else default_bank).resolve()
             if path not in loaded:
+                first = next(iter(loaded.values()), None)  # its backbone serves every bank
                 try:
-                    loaded[path] = Detector.load(cfg, path, shared)
+                    loaded[path] = Detector.load(cfg, path, share=first)
                 except UserError as err:
                     raise UserError(f"camera {s.name}: {err}") from None
-                shared = shared or (loaded[path].extractor, loaded[path].device)
             by_camera[s.name] = loaded[path]
         return cls(by_camera)
 
@@ -74,9 +73,9 @@ class CameraDetectors:
         return det
 
     @property
-    def calibration(self) -> dict:
-        """The first bank's calibration: the source frame rate it was fitted at serves as a hint."""
-        return self.first.calibration
+    def source_fps(self) -> float:
+        """The first bank's footage frame rate: the annotated video's default rate."""
+        return self.first.source_fps
 
     def prepare(self, picture: Picture) -> np.ndarray:
         return self.first.prepare(picture)  # one config: every detector makes the same model input

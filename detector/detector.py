@@ -165,11 +165,10 @@ class Detector:
         return build_extractor(cfg.detector.backbone, cfg.detector.grid, device, cfg.detector.precision), device
 
     @classmethod
-    def load(cls, cfg: AppConfig, bank_dir: str | Path,
-             built: tuple[FeatureExtractor, torch.device] | None = None) -> "Detector":
-        """The detector of the bank in `bank_dir`; `built`: an extractor and device from build_extractor
-        to share (the scenes of a per-scene bank share one backbone)."""
-        extractor, device = built or cls.build_extractor(cfg)
+    def load(cls, cfg: AppConfig, bank_dir: str | Path, share: "Detector | None" = None) -> "Detector":
+        """The detector of the bank in `bank_dir`; with `share`, it runs that detector's backbone instead of
+        building one (several banks scored in one process: scenes, cameras)."""
+        extractor, device = (share.extractor, share.device) if share is not None else cls.build_extractor(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
         det = cls(cfg, extractor, bank, device)
         if det.uses_component("moving_max") and det.moving_gate is None:
@@ -206,6 +205,12 @@ class Detector:
     @property
     def calibration(self) -> dict:
         return self.bank.calibration if self.bank is not None else {}
+
+    @property
+    def source_fps(self) -> float:
+        """The frame rate of the normal footage the bank was fitted on (25 when unknown): alarm rates per
+        hour and the annotated video's default rate refer to it."""
+        return float(self.calibration.get("fps", 25.0))
 
     @property
     def pixel_threshold(self) -> float:

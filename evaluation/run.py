@@ -104,10 +104,8 @@ class BankDetectors:
                             f"(it has {', '.join(self.scene_banks) or 'none'}; fit on training footage of every scene)")
 
     def _load(self, scene: str | None, directory: Path) -> Detector:
-        built = (self._current[1].extractor, self._current[1].device) if self._current is not None else None
-        det = Detector.load(self.cfg, directory, built)
-        self.thresholds[scene] = {"frame": det.frame_threshold, "pixel": det.pixel_threshold,
-                                  "fps": float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0}
+        det = Detector.load(self.cfg, directory, share=self._current[1] if self._current is not None else None)
+        self.thresholds[scene] = {"frame": det.frame_threshold, "pixel": det.pixel_threshold, "fps": det.source_fps}
         return det
 
     def for_video(self, name: str) -> Detector:

@@ -124,8 +124,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     det = CameraDetectors.load(cfg, bank)
     det.warm_up(cfg.pipeline.max_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fps_hint = float(det.calibration.get("fps", 25.0)) if det.calibration else 25.0
-    sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=fps_hint)
+    sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=det.source_fps)
     metrics = None
     try:
         pipe = Pipeline(cfg, det, sinks)
