@@ -92,3 +92,37 @@ def test_per_scene_benchmark_runs(tmp_path):
     assert (tmp_path / "work" / "bank_per_scene" / "scene_02" / "meta.json").is_file()
     assert (tmp_path / "work" / "bank_pooled" / "meta.json").is_file()
     assert "| per_scene |" in p.stdout and "| pooled |" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_frame_evidence_benchmark_matches_eval(tmp_path):
+    """frame_evidence.py on a small generated set: its `product` row is what `run_stream.py eval` reports for
+    the same bank, its recomputed baseline agrees with it, and every requested variant gives a row."""
+    from stream.synthetic import generate_stc
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    data = tmp_path / "set"
+    generate_stc(data, seed=0, train_frames=40, test_frames=48)
+    out = tmp_path / "fe.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    variants = "product,baseline,kappa_2,local_scale_sqrt_ratio,motion_novelty,moving_embedding,border_cell"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "frame_evidence.py"), "--data", str(data), "--config", str(cfg),
+           "--work", str(tmp_path / "work"), "--variants", variants, "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in r["rows"]}
+    assert list(rows) == variants.split(",")
+    for row in rows.values():
+        assert 0.0 <= row["frame_micro"] <= 1.0
+    assert rows["baseline"]["pixel"] is not None and rows["product"]["pixel"] is None
+    assert abs(rows["baseline"]["frame_micro"] - rows["product"]["frame_micro"]) < 0.03
+    ev = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "eval", "--config", str(cfg), "--data", str(data),
+                         "--bank", r["bank"], "--out", str(tmp_path / "eval"), "--quiet"],
+                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=200)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert rows["product"]["frame_micro"] == pytest.approx(m["frame_auroc_micro"], abs=1e-3)
+    assert rows["baseline"]["pixel"] == pytest.approx(m["pixel_auroc"], abs=0.01)
