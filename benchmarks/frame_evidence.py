@@ -19,6 +19,8 @@ the mechanism named. Rows:
 - whiten_*: distances in the bank's whitened feature space (covariance shrunk toward its mean eigenvalue);
 - motion_novelty: moving_max's gate driven by flow beyond what the bank's frames show at that cell;
 - moving_embedding: moving_max times sqrt(distance of the motion-weighted mean feature to the bank's);
+- semantic_moving_P: the same with the backbone's last block (what kind of thing moves), distance^P;
+  semantic_moving_z: moving_max and that distance as held-out z-scores, summed (no exponent to choose);
 - border_cell: a diagnostic, not a mechanism: the map's outer cell ignored by the frame score;
 - stack: local_scale_sqrt_ratio, moving_embedding and border_cell together.
 
@@ -82,6 +84,23 @@ class Cache:
             return {k: z[k] for k in z.files}
 
 
+class LastBlock:
+    """Keeps the backbone's last block ([B, D, h, w], before global pooling) of the detector's latest pass."""
+
+    def __init__(self, det):
+        self.value = None
+        run = det.extractor._run_trunk
+
+        def capture(x):
+            taps, last = run(x)
+            self.value = last
+            return taps, last
+        det.extractor._run_trunk = capture
+
+    def take(self) -> np.ndarray:
+        return self.value.float().cpu().numpy().astype(np.float16)
+
+
 def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
     import torch
 
@@ -93,29 +112,33 @@ def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
         return Cache(root)
     root.mkdir(parents=True, exist_ok=True)
     det = Detector.load(cfg, bank)
+    last_block = LastBlock(det)
     videos = load_test_set(data)
     s, bs = cfg.detector.input_size, cfg.detector.batch_size
     t0 = time.monotonic()
     for v in videos:
-        pyr, flow, comps = [], [], {}
+        pyr, flow, last, comps = [], [], [], {}
         for a in range(0, len(v.frames), bs):
             small = resize_batch([read_image(p) for p in v.frames[a:a + bs]], s)
             p, g = det.features(small)
             m = det.motion_features(small, f"eval-{v.name}")
             _, c = det.score_tensors(p, g, m)
             pyr.append(p.permute(0, 2, 3, 1).flatten(1, 2).to(torch.float16).cpu().numpy())
+            last.append(last_block.take())
             flow.append(m)
             for k, x in c.items():
                 comps.setdefault(k, []).append(x)
-        np.savez(root / f"{v.name}.npz", pyr=np.concatenate(pyr), flow=np.concatenate(flow), labels=v.labels,
+        np.savez(root / f"{v.name}.npz", pyr=np.concatenate(pyr), flow=np.concatenate(flow), last=np.concatenate(last),
+                 labels=v.labels,
                  **{f"comp_{k}": np.concatenate(x) for k, x in comps.items()})
         log(f"  cached {v.name} ({len(v.frames)} frames, {time.monotonic() - t0:.0f} s)")
     (root / "videos.json").write_text(json.dumps([v.name for v in videos]))
     return Cache(root)
 
 
-def training_flows(cfg, data: Path, bank_meta: dict, det) -> np.ndarray:
-    """Flow cells [N, g, g, 3] of the bank frames that have a predecessor, in bank order, and their bank rows."""
+def training_frames(cfg, data: Path, bank_meta: dict, det) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bank frames that have a predecessor, in bank order: flow cells [N, g, g, 3], last-block maps
+    [N, D, h, w] (fp16) and their bank rows."""
     from detector.fit import _frames
     from stream.footage import discover
 
@@ -126,12 +149,40 @@ def training_flows(cfg, data: Path, bank_meta: dict, det) -> np.ndarray:
         if f > 0:
             wanted[i] |= {f, f - 1}
     frames = {(i, f): small for i, f, small in _frames(items, wanted, cfg.detector.input_size)}
-    rows, cells = [], []
-    for j, (i, f) in enumerate(origins):
-        if (i, f - 1) in frames:
-            cells.append(det.motion_features(frames[(i, f)][None], prev_u8=[frames[(i, f - 1)]])[0])
-            rows.append(j)
-    return np.stack(cells), np.asarray(rows)
+    rows = [j for j, (i, f) in enumerate(origins) if (i, f - 1) in frames]
+    last_block = LastBlock(det)
+    cells, last = [], []
+    bs = cfg.detector.batch_size
+    for a in range(0, len(rows), bs):
+        keys = [origins[j] for j in rows[a:a + bs]]
+        stack = np.stack([frames[k] for k in keys])
+        cells.append(det.motion_features(stack, prev_u8=[frames[(i, f - 1)] for i, f in keys]))
+        det.features(stack)
+        last.append(last_block.take())
+    return np.concatenate(cells), np.concatenate(last), np.asarray(rows)
+
+
+def held_out_frames(cfg, data: Path, det) -> tuple[np.ndarray, np.ndarray]:
+    """Flow cells and last-block maps of the frames `fit` held out (bank.holdout), in calibration order."""
+    from detector.fit import _frames, split_holdout
+    from stream.footage import discover, select_indices
+
+    items = discover(data)
+    selected = select_indices([it.n_frames for it in items], cfg.bank.every, cfg.bank.max_frames)
+    _, hold = split_holdout(selected, cfg.bank.holdout)
+    wanted = [set(h) | {f - 1 for f in h if f > 0} for h in hold]
+    frames = {(i, f): small for i, f, small in _frames(items, wanted, cfg.detector.input_size)}
+    keys = [(i, f) for i, h in enumerate(hold) for f in h]
+    last_block = LastBlock(det)
+    cells, last = [], []
+    bs = cfg.detector.batch_size
+    for a in range(0, len(keys), bs):
+        chunk = keys[a:a + bs]
+        stack = np.stack([frames[k] for k in chunk])
+        cells.append(det.motion_features(stack, prev_u8=[frames.get((i, f - 1)) for i, f in chunk]))
+        det.features(stack)
+        last.append(last_block.take())
+    return np.concatenate(cells), np.concatenate(last)
 
 
 class Variants:
@@ -275,30 +326,41 @@ class Variants:
             return d[:, 0].reshape(f.shape[0], -1)
         return cells
 
-    def train_flow(self):
-        if not hasattr(self, "_train_flow"):
-            self._train_flow = training_flows(self.cfg, self.data, self.bank.meta, self.det)
-        return self._train_flow
+    def train_frames(self):
+        if not hasattr(self, "_train"):
+            self._train = training_frames(self.cfg, self.data, self.bank.meta, self.det)
+        return self._train
+
+    def widened(self, magnitude):
+        """Flow magnitude [N, g, g] -> [N, 1, g, g], widened by moving_max's dilation, as its gate sees it."""
+        import torch.nn.functional as F
+
+        t = self.torch.as_tensor(magnitude, dtype=self.torch.float32).unsqueeze(1)
+        d = self.det.moving_gate.dilate
+        return F.max_pool2d(t, 2 * d + 1, stride=1, padding=d) if d else t
+
+    def moving_share(self, cells, size=None):
+        """Per-frame weights [N, cells] summing to 1 over what moves (moving_max's gate without its static
+        floor), pooled to `size` (h, w) when given."""
+        import torch.nn.functional as F
+
+        w = (self.widened(cells[..., 2]) / self.det.moving_gate.moving).clamp(max=1.0)
+        if size is not None:
+            w = F.adaptive_avg_pool2d(w, size)
+        w = w.flatten(1)
+        return w / (w.sum(dim=1, keepdim=True) + 1e-6)
 
     def motion_novelty_gate(self):
         """moving_max's gate, but 'moving' means faster than the 99th percentile of the bank frames' flow at
         this cell (both widened by the gate's dilation) plus the camera's moving threshold."""
         import torch.nn.functional as F
 
-        torch = self.torch
         g = self.det.moving_gate
-        flow, _ = self.train_flow()
-
-        def widen(mag):
-            t = torch.as_tensor(mag, dtype=torch.float32).unsqueeze(1)
-            if g.dilate:
-                t = F.max_pool2d(t, 2 * g.dilate + 1, stride=1, padding=g.dilate)
-            return t
-
-        normal = widen(np.percentile(flow[..., 2], 99, axis=0)[None])
+        flow, _, _ = self.train_frames()
+        normal = self.widened(np.percentile(flow[..., 2], 99, axis=0)[None])
 
         def gate(_v, cells):
-            m = widen(cells[..., 2])
+            m = self.widened(cells[..., 2])
             w = g.static_weight + (1 - g.static_weight) * (m / (g.moving + normal)).clamp(max=1.0)
             return F.interpolate(w, size=(self.size, self.size), mode="bilinear", align_corners=False).squeeze(1)
         return gate
@@ -306,21 +368,11 @@ class Variants:
     def moving_embedding(self):
         """Each frame's mean pyramid feature over its moving cells (gate without the static floor), its
         distance to the nearest bank frame's; the frame score is moving_max x sqrt(that distance)."""
-        import torch.nn.functional as F
-
         torch = self.torch
-        g = self.det.moving_gate
-        flow, rows = self.train_flow()
-
-        def weights(cells):
-            t = torch.as_tensor(cells[..., 2], dtype=torch.float32).unsqueeze(1)
-            if g.dilate:
-                t = F.max_pool2d(t, 2 * g.dilate + 1, stride=1, padding=g.dilate)
-            w = (t / g.moving).clamp(max=1.0).flatten(1)
-            return w / (w.sum(dim=1, keepdim=True) + 1e-6)
+        flow, _, rows = self.train_frames()
 
         def embed(feats, cells):
-            return torch.einsum("nc,ncd->nd", weights(cells), feats)
+            return torch.einsum("nc,ncd->nd", self.moving_share(cells), feats)
 
         bank_emb = embed(torch.from_numpy(self.bank.gather(rows).astype(np.float32)), flow)
 
@@ -328,6 +380,37 @@ class Variants:
             e = embed(torch.from_numpy(c["pyr"].astype(np.float32)), c["flow"])
             d = torch.cdist(e, bank_emb).amin(dim=1).numpy()
             return s * np.sqrt(d)
+        return post
+
+    def semantic_moving(self, power: float | None):
+        """Like moving_embedding, with the backbone's last block (ImageNet semantics at stride 32) pooled
+        over the moving cells: what kind of thing moves, against the bank frames'. Frame score: moving_max
+        x distance^power, or (power None) the sum of both as z-scores against the held-out frames (the
+        product's `combined`)."""
+        torch = self.torch
+        flow, last, _ = self.train_frames()
+
+        def embed(last_maps, cells):
+            w = self.moving_share(cells, last_maps.shape[-2:])
+            return torch.einsum("bn,bcn->bc", w, torch.from_numpy(last_maps.astype(np.float32)).flatten(2))
+
+        bank_emb = embed(last, flow)
+
+        def distance(last_maps, cells):
+            return torch.cdist(embed(last_maps, cells), bank_emb).amin(dim=1).numpy()
+
+        if power is None:
+            stats = self.det.component_stats()[self.cfg.detector.frame_score]
+            held_cells, held_last = held_out_frames(self.cfg, self.data, self.det)
+            held = distance(held_last, held_cells)
+
+            def post(_v, c, s):
+                d = distance(c["last"], c["flow"])
+                return (s - stats["mean"]) / stats["std"] + (d - held.mean()) / held.std()
+            return post
+
+        def post(_v, c, s):
+            return s * distance(c["last"], c["flow"]) ** power
         return post
 
 
@@ -359,7 +442,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     key = short_hash([str(data.resolve()), config_yaml(cfg)])
     bank, _ = ensure_bank(cfg, data, work / f"bank_{key}")
-    cache = build_cache(cfg, data, bank, work / f"cache_{key}")
+    cache = build_cache(cfg, data, bank, work / f"cache2_{key}")
     subsets = [g.split(",") for g in args.subsets.split(";")] if args.subsets else []
     missing = sorted({n for g in subsets for n in g} - set(cache.videos()))
     if missing:
@@ -380,6 +463,9 @@ def main(argv=None) -> int:
         "whiten_0.1_pow0.5": lambda: v.run(v.whiten(0.1, 0.5)),
         "motion_novelty": lambda: v.run(v.plain(), gate=v.motion_novelty_gate(), pixel=False),
         "moving_embedding": lambda: v.run(v.plain(), post=v.moving_embedding(), pixel=False),
+        **{f"semantic_moving_{p:g}": (lambda p=p: v.run(v.plain(), post=v.semantic_moving(p), pixel=False))
+           for p in (0.25, 0.5, 1.0)},
+        "semantic_moving_z": lambda: v.run(v.plain(), post=v.semantic_moving(None), pixel=False),
         "border_cell": lambda: v.run(v.plain(), border=edge, pixel=False),
         "stack": lambda: v.run(v.local_scale("sqrt_ratio"), post=v.moving_embedding(), border=edge, pixel=False),
     }

@@ -142,6 +142,7 @@ class Detector:
         self._lock = threading.Lock()
         self._prev: dict[str, tuple[int, np.ndarray]] = {}  # camera -> (frame index, flow gray)
         self._smoother = framescore.CausalSmoother(d.smooth_window)
+        self._sequence: dict[str, int] = {}  # camera -> Frame.sequence of its latest frame scored live
         self._frame_cal: dict | None = None
         self.moving_gate: MovingGate | None = None
         if bank is not None and "flow_noise" in bank.calibration:
@@ -197,8 +198,10 @@ class Detector:
         with self._lock:
             if camera_id is None:
                 self._prev.clear()
+                self._sequence.clear()
             else:
                 self._prev.pop(camera_id, None)
+                self._sequence.pop(camera_id, None)
             self._smoother.reset(camera_id)
 
     # thresholds ---------------------------------------------------------------------------------
@@ -275,13 +278,15 @@ class Detector:
 
     def motion_features(self, batch_u8: np.ndarray, camera_ids: Sequence[str] | str = "default",
                         prev_u8: Sequence[np.ndarray | None] | None = None,
-                        indices: Sequence[int] | None = None) -> np.ndarray | None:
+                        indices: Sequence[int] | None = None,
+                        starts: Sequence[bool] | None = None) -> np.ndarray | None:
         """float32 [B, g, g, 3] flow cell features of resized frames; None when motion is off.
 
         With `prev_u8` (resized previous frames, None entries for "no previous frame") the camera state
         is neither read nor updated: offline readers that sample every N-th frame pass the true t-1.
         Otherwise each frame's previous frame is its camera's last frame seen (frames in capture order);
-        `indices` (frame indices) let a gap of a few dropped frames be bridged by scaling the flow.
+        `indices` (frame indices) let a gap of a few dropped frames be bridged by scaling the flow;
+        `starts` marks frames that begin a new sequence of their camera (no flow from before it).
         """
         if self.flow is None:
             return None
@@ -296,7 +301,7 @@ class Detector:
                 continue
             idx = None if indices is None else int(indices[i])
             with self._lock:
-                prev = self._prev.get(cams[i])
+                prev = None if starts is not None and starts[i] else self._prev.get(cams[i])
                 self._prev[cams[i]] = (idx, gray)
             gap = 1
             if prev is not None and idx is not None and prev[0] is not None:
@@ -371,20 +376,39 @@ class Detector:
                                 "(fit the bank again with bank.holdout > 0 and this config)") from None
         return comps[name]
 
-    def smooth(self, camera_ids: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    def smooth(self, camera_ids: Sequence[str], scores: np.ndarray, starts: Sequence[bool] | None = None) -> np.ndarray:
+        """Each camera's causal mean, in order; `starts`: frames that begin a new sequence of their camera,
+        whose window then restarts with them."""
         if self.dcfg.smooth_window <= 1:
             return scores
+        starts = starts if starts is not None else [False] * len(camera_ids)
         with self._lock:
-            return np.array([self._smoother(c, v) for c, v in zip(camera_ids, scores)])
+            out = []
+            for c, v, start in zip(camera_ids, scores, starts):
+                if start:
+                    self._smoother.reset(c)
+                out.append(self._smoother(c, v))
+            return np.array(out)
+
+    def sequence_starts(self, frames: Sequence[Frame]) -> list[bool]:
+        """Which frames begin a new sequence (Frame.sequence) of their camera since the last one scored.
+        A camera's first frame ever is not counted: its windows are empty anyway."""
+        with self._lock:
+            out = []
+            for f in frames:
+                last = self._sequence.get(f.camera_id)
+                out.append(last is not None and last != f.sequence)
+                self._sequence[f.camera_id] = f.sequence
+            return out
 
     def _score_resized(self, small: np.ndarray, cams: list[str], prev_small=None, indices=None,
                        all_components: bool = True, motion: np.ndarray | None = None,
-                       features: tuple[torch.Tensor, torch.Tensor] | None = None):
+                       features: tuple[torch.Tensor, torch.Tensor] | None = None, starts: Sequence[bool] | None = None):
         pyr, glob = features if features is not None else self.features(small)
         if motion is None:
-            motion = self.motion_features(small, cams, prev_small, indices)
+            motion = self.motion_features(small, cams, prev_small, indices, starts)
         out, comps = self.score_tensors(pyr, glob, motion, all_components=all_components)
-        return out, comps, self.smooth(cams, self.frame_scores(comps))
+        return out, comps, self.smooth(cams, self.frame_scores(comps), starts)
 
     def score_images(self, images: Sequence[np.ndarray], camera_id: str = "default",
                      prev_images: Sequence[np.ndarray | None] | None = None
@@ -405,9 +429,11 @@ class Detector:
         m = self.dcfg.motion
         return FlowTracker(FlowExtractor(m.flow_size, self.dcfg.grid, m.preset))
 
-    def frame_motion(self, frames: Sequence[Frame], small: np.ndarray) -> np.ndarray | None:
+    def frame_motion(self, frames: Sequence[Frame], small: np.ndarray,
+                     starts: Sequence[bool] | None = None) -> np.ndarray | None:
         """Flow cell features [B, g, g, 3] of a batch: the sources' where they computed them, else from
-        each camera's previous frame seen here (None when the frame score needs no flow)."""
+        each camera's previous frame seen here, unless `starts` says a frame begins a new sequence (None
+        when the frame score needs no flow)."""
         if self.flow is None:
             return None
         out = np.empty((len(frames), self.dcfg.grid, self.dcfg.grid, 3), np.float32)
@@ -419,7 +445,8 @@ class Detector:
                 out[i] = f.flow
         if missing:
             out[missing] = self.motion_features(small[missing], [frames[i].camera_id for i in missing],
-                                                indices=[frames[i].index for i in missing])
+                                                indices=[frames[i].index for i in missing],
+                                                starts=None if starts is None else [starts[i] for i in missing])
         return out
 
     def prepare(self, picture: Picture) -> np.ndarray:
@@ -446,8 +473,10 @@ class Detector:
         `small` / `features`: the frames' model inputs and backbone features when already computed (one
         backbone pass serves the cameras of several banks, detector/cameras.py)."""
         small = self.model_inputs(frames) if small is None else small
+        starts = self.sequence_starts(frames)
         out, comps, scores = self._score_resized(small, [f.camera_id for f in frames], all_components=all_components,
-                                                 motion=self.frame_motion(frames, small), features=features)
+                                                 motion=self.frame_motion(frames, small, starts), features=features,
+                                                 starts=starts)
         return self.scored(frames, out, comps, scores)
 
     def scored(self, frames: Sequence[Frame], out: SpadeOutput, comps: dict[str, np.ndarray],

@@ -21,6 +21,10 @@ class Frame:
     # float32 [g, g, 3] optical-flow cell features against the source's previous decoded frame, when the
     # source computed them (detector.motion.FlowTracker); else the detector computes them from its state
     flow: Optional[np.ndarray] = None
+    # The source's connection (live) or pass (looped file) number. Frames of two sequences are not
+    # consecutive, however close their indices: the detector neither computes flow nor smooths scores
+    # across a change (a reconnect can follow minutes of outage).
+    sequence: int = 0
 
     def __post_init__(self):
         if isinstance(self.picture, np.ndarray):

@@ -197,6 +197,7 @@ class Source:
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None  # a UserError for bad input; set with FAILED
         self.decoded = 0
+        self.sequence = -1  # Frame.sequence: incremented at every new connection or pass
         self.reconnects = 0
         self.last_frame_time: Optional[float] = None  # clock() when the latest frame was decoded
         self.backoff = Backoff(cfg.reconnect_base_s, cfg.reconnect_max_s, cfg.reconnect_jitter)
@@ -365,7 +366,7 @@ class Source:
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
         small = self._prepare(picture) if self._prepare is not None else None
         flow = self._flow(small) if self._flow is not None else None
-        frame = Frame(self.name, self.decoded, timestamp, picture, small, flow)
+        frame = Frame(self.name, self.decoded, timestamp, picture, small, flow, self.sequence)
         self.decoded += 1
         self.last_frame_time = self._clock()
         if not self._buffer.put(frame):
@@ -422,6 +423,7 @@ class Source:
 
     def _new_sequence(self) -> None:
         """A new connection or a new pass over a file: its first frame does not follow the last one."""
+        self.sequence += 1
         if self._flow is not None:
             self._flow.reset()
 

@@ -107,7 +107,7 @@ def test_frame_evidence_benchmark_matches_eval(tmp_path):
     generate_stc(data, seed=0, train_frames=40, test_frames=48)
     out = tmp_path / "fe.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    variants = "product,baseline,kappa_2,local_scale_sqrt_ratio,motion_novelty,moving_embedding,border_cell"
+    variants = "product,baseline,kappa_2,local_scale_sqrt_ratio,motion_novelty,moving_embedding,semantic_moving_0.5,semantic_moving_z,border_cell"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "frame_evidence.py"), "--data", str(data), "--config", str(cfg),
            "--work", str(tmp_path / "work"), "--variants", variants, "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)

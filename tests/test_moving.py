@@ -205,3 +205,30 @@ def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
     mixed = det.score_frames([frames[0], Frame("own", 1, 1 / 24, imgs[1])] + frames[1:3])
     assert mixed[0].components["moving_max"] == pytest.approx(own[0].components["moving_max"], rel=1e-5)
     assert mixed[3].components["moving_max"] == pytest.approx(own[2].components["moving_max"], rel=1e-5)
+
+
+def test_a_new_sequence_restarts_flow_and_smoothing(moving_bank):
+    """After a reconnect or a new pass (Frame.sequence changes) the detector neither takes flow from the
+    frame before the gap nor averages the new frames' scores with the old ones."""
+    from detector.detector import Detector
+    from stream.frame import Frame
+
+    cfg, bank, _ = moving_bank
+    cfg = cfg.model_copy(deep=True)
+    cfg.detector.smooth_window = 4
+    det = Detector.load(cfg, bank)
+    imgs = [novel(scene(40), 8 + 3 * i) for i in range(8)]
+    # pass 0: frames 0-3; pass 1 restarts with frame 4's picture; indices continue, as a looped file's do
+    frames = [Frame("cam", i, i / 24, im, sequence=int(i >= 4)) for i, im in enumerate(imgs)]
+    alone = det.score_frames(frames[4:6])  # what pass 1 scores as a camera seen for the first time
+    det.reset()
+    both = det.score_frames(frames[:2]) + det.score_frames(frames[2:6])  # the change falls inside a batch
+    assert [r.score for r in both[4:]] == pytest.approx([r.score for r in alone], rel=1e-5)
+    assert both[4].components["moving_max"] == pytest.approx(alone[0].components["moving_max"], rel=1e-5)
+    assert both[4].components["moving_max"] == pytest.approx(0.5 * both[4].components["map_max"], rel=1e-4)
+    # without the sequence number the same frames are smoothed across the change and get flow from frame 3
+    det.reset()
+    plain = [Frame("cam", f.index, f.timestamp, f.picture) for f in frames]
+    joined = det.score_frames(plain[:2]) + det.score_frames(plain[2:6])
+    assert joined[4].score != pytest.approx(alone[0].score, rel=1e-3)
+    assert joined[4].components["moving_max"] > 0.9 * joined[4].components["map_max"]

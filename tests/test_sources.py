@@ -234,6 +234,7 @@ def test_loop_restarts_with_continuing_index(tmp_path):
         assert all(f is not None for f in frames)
         assert not src.finished and src.state == SourceState.STREAMING
     assert [f.index for f in frames] == list(range(20))
+    assert [f.sequence for f in frames] == [0] * 8 + [1] * 8 + [2] * 4  # a pass is a sequence of its own
     ts = [f.timestamp for f in frames]
     assert all(b > a for a, b in zip(ts, ts[1:])), "media time must keep increasing across loops"
     red = [int(f.image[..., 0].mean() + 0.5) for f in frames]
