@@ -6,7 +6,8 @@
 
 Fits a bank on --data with the config (cached under --work by its settings), then scores the test set once
 with the product's detector, one camera per test video as `run_stream.py eval` does, and keeps every frame's
-pyramid features, flow cells and frame components on disk (fp16; ~0.5 GB for the Avenue sample). Each
+pyramid features, last-block map, flow cells and frame components on disk (fp16; ~0.7 GB for the Avenue
+sample's 1,353 frames). A multi-scene STC root is fitted as one bank (the variants read one coreset). Each
 variant then recomputes its cell map, pixel map and frame score from that cache, so the rows differ only in
 the mechanism named. Rows:
 
@@ -71,7 +72,8 @@ def frame_aurocs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], w
 
 
 class Cache:
-    """Per test video: pyramid features [T, cells, C] fp16, flow cells [T, g, g, 3], components, labels."""
+    """Per test video: pyramid features [T, cells, C] and last-block maps [T, D, h, w] (fp16), flow cells
+    [T, g, g, 3], frame components, labels."""
 
     def __init__(self, root: Path):
         self.root = root
