@@ -49,14 +49,9 @@ from benchmarks.benchutil import git_info, loadavg, log, machine_info, short_has
 CHUNK = 8192  # query cells per distance matrix
 
 
-def causal_mean(x: np.ndarray, window: int) -> np.ndarray:
-    from evaluation.run import smooth_scores
-
-    return smooth_scores(np.asarray(x, dtype=np.float64), "causal", window)
-
-
 def frame_aurocs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], window: int,
                  subsets: list[list[str]] = ()) -> dict:
+    from detector.framescore import causal_mean
     from evaluation.metrics import auroc
 
     s = {v: causal_mean(x, window) for v, x in scores.items()}
@@ -81,13 +76,15 @@ class Cache:
     def videos(self) -> list[str]:
         return json.loads((self.root / "videos.json").read_text())
 
-    def load(self, name: str) -> dict:
+    def load(self, name: str, *keys: str) -> dict:
+        """The video's arrays named `keys` (default: all); only those are read."""
         with np.load(self.root / f"{name}.npz") as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files)}
 
 
 class LastBlock:
-    """Keeps the backbone's last block ([B, D, h, w], before global pooling) of the detector's latest pass."""
+    """Keeps the backbone's last block ([B, D, h, w], before global pooling) of the detector's latest pass.
+    Wraps the detector's trunk: one per detector."""
 
     def __init__(self, det):
         self.value = None
@@ -138,44 +135,18 @@ def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
     return Cache(root)
 
 
-def training_frames(cfg, data: Path, bank_meta: dict, det) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The bank frames that have a predecessor, in bank order: flow cells [N, g, g, 3], last-block maps
-    [N, D, h, w] (fp16) and their bank rows."""
+def frames_with_flow(cfg, data: Path, keys: list[tuple[int, int]], det, last_block: LastBlock
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Flow cells [N, g, g, 3] (against each frame's predecessor; zero for a video's first frame) and
+    last-block maps [N, D, h, w] (fp16) of the footage frames `keys` ((item, frame) of `discover(data)`)."""
     from detector.fit import _frames
     from stream.footage import discover
 
     items = discover(data)
-    origins = [tuple(o) for o in bank_meta["frame_origins"]]
     wanted = [set() for _ in items]
-    for i, f in origins:
-        if f > 0:
-            wanted[i] |= {f, f - 1}
+    for i, f in keys:
+        wanted[i] |= {f, f - 1} if f > 0 else {f}
     frames = {(i, f): small for i, f, small in _frames(items, wanted, cfg.detector.input_size)}
-    rows = [j for j, (i, f) in enumerate(origins) if (i, f - 1) in frames]
-    last_block = LastBlock(det)
-    cells, last = [], []
-    bs = cfg.detector.batch_size
-    for a in range(0, len(rows), bs):
-        keys = [origins[j] for j in rows[a:a + bs]]
-        stack = np.stack([frames[k] for k in keys])
-        cells.append(det.motion_features(stack, prev_u8=[frames[(i, f - 1)] for i, f in keys]))
-        det.features(stack)
-        last.append(last_block.take())
-    return np.concatenate(cells), np.concatenate(last), np.asarray(rows)
-
-
-def held_out_frames(cfg, data: Path, det) -> tuple[np.ndarray, np.ndarray]:
-    """Flow cells and last-block maps of the frames `fit` held out (bank.holdout), in calibration order."""
-    from detector.fit import _frames, split_holdout
-    from stream.footage import discover, select_indices
-
-    items = discover(data)
-    selected = select_indices([it.n_frames for it in items], cfg.bank.every, cfg.bank.max_frames)
-    _, hold = split_holdout(selected, cfg.bank.holdout)
-    wanted = [set(h) | {f - 1 for f in h if f > 0} for h in hold]
-    frames = {(i, f): small for i, f, small in _frames(items, wanted, cfg.detector.input_size)}
-    keys = [(i, f) for i, h in enumerate(hold) for f in h]
-    last_block = LastBlock(det)
     cells, last = [], []
     bs = cfg.detector.batch_size
     for a in range(0, len(keys), bs):
@@ -187,25 +158,38 @@ def held_out_frames(cfg, data: Path, det) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(cells), np.concatenate(last)
 
 
+def held_out_keys(cfg, data: Path) -> list[tuple[int, int]]:
+    """(item, frame) of the frames `fit` held out (bank.holdout), in calibration order."""
+    from detector.fit import split_holdout
+    from stream.footage import discover, select_indices
+
+    items = discover(data)
+    selected = select_indices([it.n_frames for it in items], cfg.bank.every, cfg.bank.max_frames)
+    _, hold = split_holdout(selected, cfg.bank.holdout)
+    return [(i, f) for i, h in enumerate(hold) for f in h]
+
+
 class Variants:
     """Cell maps, pixel maps and frame scores of each variant, from the cache and the bank."""
 
     def __init__(self, cfg, bank: Path, cache: Cache, data: Path, subsets: list[list[str]] = ()):
         import torch
 
-        from detector.bank import open_bank
         from detector.detector import Detector
+        from evaluation.stc import load_test_set
 
         self.torch = torch
         self.det = Detector.load(cfg, bank)
         if self.det.scorer.coreset is None or self.det.moving_gate is None:
             raise SystemExit("frame_evidence.py needs detector.gallery: coreset and frame_score: moving_max")
+        self.last_block = LastBlock(self.det)
         self.cfg, self.cache, self.data, self.subsets = cfg, cache, data, subsets
-        self.bank = open_bank(bank)
+        self.bank = self.det.bank
         self.coreset = self.det.scorer.coreset.float().cpu()
         self.grid, self.size = cfg.detector.grid, cfg.detector.input_size
         self.videos = cache.videos()
-        self.labels = {v: cache.load(v)["labels"] for v in self.videos}
+        self.labels = {v: cache.load(v, "labels")["labels"] for v in self.videos}
+        self.tests = {t.name: t for t in load_test_set(data)}
         self._bank_pixels = None
 
     # --- building blocks -------------------------------------------------------------------------------
@@ -218,9 +202,6 @@ class Variants:
             ds.append(r.values)
             ix.append(r.indices)
         return torch.cat(ds), torch.cat(ix)
-
-    def features(self, name: str):
-        return self.torch.from_numpy(self.cache.load(name)["pyr"].astype(np.float32))
 
     def bank_pixels(self):
         if self._bank_pixels is None:
@@ -261,24 +242,11 @@ class Variants:
         return self._row(scores, pix)
 
     def _pixel_update(self, pix, v: str, maps) -> None:
-        import cv2
-        import torch.nn.functional as F
+        from evaluation.run import metric_maps, metric_masks
 
-        from evaluation.run import METRIC_SIZE
-        from evaluation.stc import load_test_set
-
-        if not hasattr(self, "_masks"):
-            self._tests = {t.name: t for t in load_test_set(self.data)}
-            self._masks = {}
-        masks = self._tests[v].pixel_masks()
-        if masks is None:
-            return
-        if maps.shape[-1] != METRIC_SIZE:
-            maps = F.interpolate(maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear",
-                                 align_corners=False).squeeze(1)
-        gt = np.stack([cv2.resize(np.ascontiguousarray(m), (METRIC_SIZE, METRIC_SIZE),
-                                  interpolation=cv2.INTER_NEAREST) for m in masks]) > 0
-        pix.update(maps.numpy(), gt)
+        masks = self.tests[v].pixel_masks()
+        if masks is not None:
+            pix.update(metric_maps(maps), metric_masks(masks, range(len(masks))))
 
     def _row(self, scores: dict, pix) -> dict:
         r = frame_aurocs(scores, self.labels, self.cfg.detector.smooth_window, self.subsets)
@@ -329,8 +297,12 @@ class Variants:
         return cells
 
     def train_frames(self):
+        """Flow cells, last-block maps and bank rows of the bank frames that follow a frame of their video."""
         if not hasattr(self, "_train"):
-            self._train = training_frames(self.cfg, self.data, self.bank.meta, self.det)
+            origins = [tuple(o) for o in self.bank.meta["frame_origins"]]
+            rows = [j for j, (_, f) in enumerate(origins) if f > 0]
+            cells, last = frames_with_flow(self.cfg, self.data, [origins[j] for j in rows], self.det, self.last_block)
+            self._train = (cells, last, np.asarray(rows))
         return self._train
 
     def widened(self, magnitude):
@@ -403,7 +375,8 @@ class Variants:
 
         if power is None:
             stats = self.det.component_stats()[self.cfg.detector.frame_score]
-            held_cells, held_last = held_out_frames(self.cfg, self.data, self.det)
+            held_cells, held_last = frames_with_flow(self.cfg, self.data, held_out_keys(self.cfg, self.data), self.det,
+                                                     self.last_block)
             held = distance(held_last, held_cells)
 
             def post(_v, c, s):
@@ -417,7 +390,8 @@ class Variants:
 
 
 def product_row(v: Variants, cache: Cache, component: str) -> dict:
-    return v._row({n: cache.load(n)[f"comp_{component}"] for n in v.videos}, None)
+    key = f"comp_{component}"
+    return v._row({n: cache.load(n, key)[key] for n in v.videos}, None)
 
 
 def main(argv=None) -> int:

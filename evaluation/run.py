@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -35,6 +36,20 @@ def _batches(videos: list[TestVideo], every: int, bs: int, with_prev: bool = Fal
             chunk = idx[s:s + bs]
             prev = [read_image(v.frames[i - 1]) if i > 0 else None for i in chunk] if with_prev else None
             yield v.name, chunk, [read_image(v.frames[i]) for i in chunk], prev
+
+
+def metric_maps(maps: torch.Tensor) -> np.ndarray:
+    """Anomaly maps [B, S, S] at the metric resolution (METRIC_SIZE^2, bilinear), float32."""
+    if maps.shape[-1] != METRIC_SIZE:
+        maps = F.interpolate(maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear",
+                             align_corners=False).squeeze(1)
+    return maps.float().cpu().numpy()
+
+
+def metric_masks(masks: np.ndarray, idx) -> np.ndarray:
+    """bool [len(idx), METRIC_SIZE, METRIC_SIZE]: frames `idx` of a video's pixel masks, nearest-neighbour."""
+    return np.stack([cv2.resize(np.ascontiguousarray(masks[i]), (METRIC_SIZE, METRIC_SIZE),
+                                interpolation=cv2.INTER_NEAREST) for i in idx]) > 0
 
 
 def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
@@ -157,13 +172,7 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
                 masks_cache = {name: by_name[name].pixel_masks()}  # one video's memmap at a time
             masks = masks_cache[name]
             if masks is not None:
-                maps = out.maps
-                if maps.shape[-1] != METRIC_SIZE:
-                    maps = F.interpolate(maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear",
-                                         align_corners=False).squeeze(1)
-                maps = maps.float().cpu().numpy()
-                gt = np.stack([cv2.resize(np.ascontiguousarray(masks[i]), (METRIC_SIZE, METRIC_SIZE),
-                                          interpolation=cv2.INTER_NEAREST) for i in idx]) > 0
+                maps, gt = metric_maps(out.maps), metric_masks(masks, idx)
                 pix_all.update(maps, gt)
                 pix_video[name].update(maps, gt)
             bar.update(len(idx))
