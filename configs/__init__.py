@@ -1,15 +1,18 @@
 """Configuration loading: YAML -> environment overrides -> validated `AppConfig`."""
 from __future__ import annotations
 
+import copy
+import difflib
 import logging
 import os
 import re
 import stat
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from configs.errors import UserError
 from configs.schema import AppConfig
@@ -43,8 +46,11 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def apply_env(tree: dict, environ: Mapping[str, str]) -> dict:
-    """SPADE__DETECTOR__K_GALLERY=5 sets detector.k_gallery; values are parsed as YAML scalars."""
+def apply_env(tree: dict, environ: Mapping[str, str], origins: dict | None = None) -> dict:
+    """SPADE__DETECTOR__K_GALLERY=5 sets detector.k_gallery; values are parsed as YAML scalars.
+
+    `origins`, when given, receives {("detector", "k_gallery"): "SPADE__DETECTOR__K_GALLERY", ...}: which
+    variable set which config path, so an error in that value names the variable, not the file."""
     for key, raw in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX):
             continue
@@ -56,6 +62,8 @@ def apply_env(tree: dict, environ: Mapping[str, str]) -> dict:
         except yaml.YAMLError:
             value = raw
         _set_path(tree, keys, value)
+        if origins is not None:
+            origins[tuple(keys)] = key
     return tree
 
 
@@ -72,20 +80,106 @@ def _loc_part(part) -> str:
     return part if isinstance(part, str) and part and part.isprintable() and "." not in part else repr(part)
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
+def _is_model(t: Any) -> bool:
+    try:  # list[...] is an instance of `type` on some Pythons, and issubclass refuses it
+        return isinstance(t, type) and issubclass(t, BaseModel)
+    except TypeError:
+        return False
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (a path of keys and list indices), if any."""
+    model: Any = AppConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list item: the list's item model was taken with the list field
+        if not _is_model(model) or part not in model.model_fields:
+            return None
+        ann, model = model.model_fields[part].annotation, None
+        todo = [ann]
+        while todo:  # Optional[...], list[...], unions: the first model inside
+            t = todo.pop(0)
+            if _is_model(t):
+                model = t
+                break
+            todo.extend(typing.get_args(t))
+        if model is None:
+            return None
+    return model if _is_model(model) else None
+
+
+def _not_a_setting(loc: tuple, dotted: str, from_env: bool) -> str:
+    """`dotted` is not a field: say so, with the nearest real field name (difflib) or the choices."""
+    parent = ".".join(str(p) for p in loc[:-1])
+    model = _model_at(loc[:-1])
+    fields = list(model.model_fields) if model is not None else []
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    elif fields and len(fields) <= 12:
+        hint = f"settings{' of ' + parent if parent else ''}: {', '.join(fields)}"
+    elif model is not None:
+        hint = f"see {model.__name__} in configs/schema.py for the settings{' of ' + parent if parent else ''}"
+    else:
+        hint = "see configs/schema.py"
+    fix = "fix the variable's name or unset it" if from_env else "remove it or fix its name"
+    return f"{dotted} is not a setting ({hint}); {fix}"
+
+
+def _has_path(tree: Any, loc: tuple) -> bool:
+    node = tree
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _origin_of(loc: tuple, origin: str, env: Mapping[tuple, str] | None, file_tree: Any) -> tuple[str, bool]:
+    """(where the value at `loc` came from, whether that is an environment variable alone)."""
+    if not env:
+        return origin, False
+    above = [p for p in env if tuple(loc[:len(p)]) == p]
+    if above:  # the variable set this value, or a section holding it
+        return f"environment variable {env[max(above, key=len)]}", True
+    below = sorted(env[p] for p in env if tuple(p[:len(loc)]) == tuple(loc))
+    if below:  # variables set values inside this section
+        names = ", ".join(below)
+        plural = "s" if len(below) > 1 else ""
+        if file_tree is not None and not _has_path(file_tree, tuple(loc)):
+            return f"environment variable{plural} {names}", True
+        return f"{origin} (with environment variable{plural} {names})", False
+    return origin, False
+
+
+def format_validation_error(err: ValidationError, origin: str, env: Mapping[tuple, str] | None = None,
+                            file_tree: Any = None) -> str:
+    """One line per problem, each naming where the value came from: `origin` (the file), or the
+    SPADE__... variable that set it (`env`: config path -> variable, from `apply_env`; `file_tree`: the
+    file's own tree, before the variables)."""
     lines = []
     for e in err.errors():
         loc = ".".join(_loc_part(p) if not isinstance(p, int) else str(p) for p in e["loc"]) or "<root>"
+        where, from_env = _origin_of(tuple(e["loc"]), origin, env, file_tree)
+        if e.get("type") == "extra_forbidden" and e["loc"]:
+            lines.append(_one_line(f"{where}: {_not_a_setting(tuple(e['loc']), loc, from_env)}"))
+            continue
         got = e.get("input")
         got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
         if len(got_s) > 200:
             got_s = got_s[:200] + "...)"
         got_s = _USERINFO.sub(r"\1***@", got_s)
-        lines.append(_one_line(f"{origin}: {loc}: {e['msg']}{got_s}"))
+        fix = "; fix or unset the variable" if from_env else ""
+        lines.append(_one_line(f"{where}: {loc}: {e['msg']}{got_s}{fix}"))
     return "\n".join(lines)
 
 
-def parse(tree: Any, origin: str = "<config>") -> AppConfig:
+def parse(tree: Any, origin: str = "<config>", env: Mapping[tuple, str] | None = None,
+          file_tree: Any = None) -> AppConfig:
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -93,7 +187,7 @@ def parse(tree: Any, origin: str = "<config>") -> AppConfig:
     try:
         return AppConfig.model_validate(tree)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, origin)) from None
+        raise UserError(format_validation_error(err, origin, env, file_tree)) from None
 
 
 def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
@@ -112,8 +206,10 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
         raise UserError(f"{p}: not valid YAML: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(tree, dict):
         raise UserError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
-    tree = apply_env(tree, os.environ if environ is None else environ)
-    return parse(tree, str(p))
+    file_tree = copy.deepcopy(tree)
+    origins: dict[tuple, str] = {}
+    tree = apply_env(tree, os.environ if environ is None else environ, origins)
+    return parse(tree, str(p), origins, file_tree)
 
 
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")

@@ -269,6 +269,11 @@ class VideoSinkConfig(Section):
     codec: str = "libx264"
     crf: int = Field(23, ge=0, le=51)
     timeline_s: float = Field(10.0, gt=0)
+    # Red boxes mean anomaly: on a frame whose score reaches its frame threshold, regions are red and
+    # labelled. Regions of a normal frame (ordinary pedestrians passing the pixel threshold) must not look so.
+    normal_regions: Literal["faint", "hidden"] = Field(
+        "faint", description="regions of a frame whose score is below its frame threshold: 'faint' (thin "
+        "grey dashed boxes, no label; heat map as usual) or 'hidden' (no boxes and no heat map on such frames)")
 
 
 class JsonlSinkConfig(Section):

@@ -140,21 +140,34 @@ def _efficientnet_default_weights() -> tuple[dict, str]:
     return _load_file(path), str(path)
 
 
-def _torchvision_default_weights(name: str) -> tuple[dict, str]:
+def torchvision_weights_file(name: str) -> tuple[str, str]:
+    """(file name, URL) of the ImageNet weights torchvision publishes for `name` (its IMAGENET1K_V1)."""
     import torchvision.models as tvm
 
     enum = {"resnet18": tvm.ResNet18_Weights, "wide_resnet50_2": tvm.Wide_ResNet50_2_Weights}[name]
-    weights = enum.IMAGENET1K_V1
-    try:
-        sd = weights.get_state_dict(progress=False, check_hash=False)
-    except Exception as err:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    url = enum.IMAGENET1K_V1.url
+    return Path(url).name, url
+
+
+def hub_checkpoint_path(file_name: str) -> Path:
+    """Where torch hub keeps a downloaded checkpoint: `torch.hub.get_dir()/checkpoints/<file>`
+    (`$TORCH_HOME/hub/checkpoints`, by default `~/.cache/torch/hub/checkpoints`)."""
+    return Path(torch.hub.get_dir()).expanduser() / "checkpoints" / file_name
+
+
+def _torchvision_default_weights(name: str) -> tuple[dict, str]:
+    """Torchvision's ImageNet weights from the torch hub cache on disk. Never downloads: a run on a
+    camera network is usually offline, and a download attempt there only delays the error."""
+    file_name, url = torchvision_weights_file(name)
+    path = hub_checkpoint_path(file_name)
+    if not path.is_file():
         raise UserError(
-            f"{name}: ImageNet weights not found in the torch hub cache and could not be downloaded "
-            f"({type(err).__name__}). Put {Path(weights.url).name} at {cache} "
-            "or set detector.backbone.weights to a local state-dict file"
-        ) from None
-    return sd, weights.url
+            f"detector.backbone.name: {name}: ImageNet weights file {file_name} (torchvision's IMAGENET1K_V1) "
+            f"not found at {path} (torch hub's checkpoints folder, under TORCH_HOME when set); weights are "
+            f"never downloaded. Put {file_name} there (to download it yourself: {url}) or set "
+            f"detector.backbone.weights: /path/to/{file_name}"
+        )
+    return _load_file(path), str(path)
 
 
 def _build_model(name: str) -> nn.Module:
@@ -212,7 +225,7 @@ class FeatureExtractor(nn.Module):
                 model = _build_model(cfg.name)
             self.trunk = self._trunk(model)
             return "random-seed0", "random"
-        model = _build_model(cfg.name)
+        # the weights first: a missing file is reported at once, before a large model is built
         if cfg.weights:
             path = Path(cfg.weights).expanduser()
             sd, origin = _load_file(path), str(path)
@@ -220,6 +233,7 @@ class FeatureExtractor(nn.Module):
             sd, origin = _efficientnet_default_weights()
         else:
             sd, origin = _torchvision_default_weights(cfg.name)
+        model = _build_model(cfg.name)
         model.load_state_dict(_fit_state_dict(model, sd, origin))
         self.trunk = self._trunk(model)
         return state_dict_digest(self.trunk.state_dict()), origin

@@ -1,6 +1,11 @@
 """Drawing the detector's view onto frames. No I/O and no hidden state: the `draw_*` functions paint
 onto the RGB canvas they are given (callers pass a copy) and return it; `Annotator` only remembers
 the recent scores each camera's timeline needs.
+
+Red means anomaly, and only that: region boxes are red, labelled with their peak against the region
+threshold, on frames whose score reaches the frame threshold. On a normal frame (score below it) the
+regions that pass the pixel threshold (ordinary pedestrians, mostly) are thin grey dashed boxes without a
+label ('faint', the default) or not drawn at all ('hidden', which also leaves out the heat map).
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ RED = (230, 40, 40)
 WHITE = (255, 255, 255)
 YELLOW = (255, 210, 0)
 CYAN = (80, 220, 255)
+GREY = (190, 190, 190)  # regions of a normal frame: neutral, never read as an alarm
+
+NORMAL_REGIONS = ("faint", "hidden")
 
 
 def _font_scale(h: int) -> float:
@@ -69,20 +77,44 @@ def heatmap_overlay(canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, 
     return canvas
 
 
+def _dashed_rect(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], color, thickness: int = 1,
+                 dash: int = 4) -> None:
+    """A rectangle outline of `dash`-pixel dashes and gaps; every corner is drawn."""
+    (x1, y1), (x2, y2) = p1, p2
+    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)),
+                               ((x1, y2), (x1, y1))):
+        n = max(abs(bx - ax), abs(by - ay))
+        for start in range(0, n + 1, 2 * dash):
+            end = min(start + dash - 1, n)
+            f0, f1 = start / n if n else 0.0, end / n if n else 0.0
+            cv2.line(canvas, (round(ax + (bx - ax) * f0), round(ay + (by - ay) * f0)),
+                     (round(ax + (bx - ax) * f1), round(ay + (by - ay) * f1)), color, thickness)
+
+
 def draw_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0),
-                 color=RED) -> np.ndarray:
-    """Boxes with their peak value. `scale` maps region coordinates (result.frame_size) to the canvas."""
+                 color=RED, threshold: float | None = None) -> np.ndarray:
+    """Boxes labelled with their peak value (against `threshold`, the region threshold, when given).
+    `scale` maps region coordinates (result.frame_size) to the canvas."""
     h = canvas.shape[0]
     fs, th = _font_scale(h), _thickness(h)
     sx, sy = scale
     for r in regions:
         x1, y1, x2, y2 = int(r.x1 * sx), int(r.y1 * sy), int(r.x2 * sx) - 1, int(r.y2 * sy) - 1
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, th)
-        label = f"{r.peak:.2f}"
+        label = f"{r.peak:.2f}" if threshold is None else f"{r.peak:.2f} / thr {threshold:.2f}"
         (tw, tht), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
         ty = y1 - 3 if y1 - tht - base - 3 >= 0 else min(y2 + tht + 3, h - base)  # inside if no room
         cv2.rectangle(canvas, (x1, ty - tht - 2), (x1 + tw + 2, ty + base - 1), color, -1)
         cv2.putText(canvas, label, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, fs, WHITE, th, cv2.LINE_AA)
+    return canvas
+
+
+def draw_normal_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0),
+                        color=GREY) -> np.ndarray:
+    """Regions of a frame under its frame threshold: thin dashed neutral boxes, no label."""
+    sx, sy = scale
+    for r in regions:
+        _dashed_rect(canvas, (int(r.x1 * sx), int(r.y1 * sy)), (int(r.x2 * sx) - 1, int(r.y2 * sy) - 1), color)
     return canvas
 
 
@@ -136,20 +168,32 @@ def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height:
 
 
 def annotate_frame(image: np.ndarray, result: FrameResult, map_floor: float = 1.0, alpha: float = 0.6,
-                   colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:
+                   colormap: int = cv2.COLORMAP_INFERNO, normal_regions: str = "faint") -> np.ndarray:
     """Heatmap + region boxes + status bar on a copy of `image` (RGB). Used as-is for snapshots. The
-    heat scale follows the result's own pixel threshold (its camera's bank)."""
+    heat scale follows the result's own pixel threshold (its camera's bank): transparent up to 0.8x it,
+    full colour at 2x (`heat_range`).
+
+    Region boxes are red (labelled peak / region threshold) only when the frame is anomalous (score >=
+    frame threshold). On a normal frame `normal_regions` says how its regions show: 'faint' (thin grey
+    dashed boxes, no label) or 'hidden' (no boxes and no heat map: a normal frame shows only the status bar)."""
+    if normal_regions not in NORMAL_REGIONS:
+        raise ValueError(f"normal_regions: expected one of {NORMAL_REGIONS}, got {normal_regions!r}")
     canvas = np.array(image, dtype=np.uint8, copy=True)
     h, w = canvas.shape[:2]
-    amap = result.anomaly_map
-    finite = amap[np.isfinite(amap)] if amap is not None else np.empty(0)
-    map_max = float(finite.max()) if finite.size else float("nan")
-    lo, hi = heat_range(map_max, result.pixel_threshold, map_floor)
-    if math.isfinite(map_max) and map_max > lo:  # nothing to tint: skip the full-size resize and blend
-        heatmap_overlay(canvas, result.map_at((w, h)), lo, hi, alpha, colormap)
+    anomalous = result.is_anomalous
+    if anomalous or normal_regions == "faint":
+        amap = result.anomaly_map
+        finite = amap[np.isfinite(amap)] if amap is not None else np.empty(0)
+        map_max = float(finite.max()) if finite.size else float("nan")
+        lo, hi = heat_range(map_max, result.pixel_threshold, map_floor)
+        if math.isfinite(map_max) and map_max > lo:  # nothing to tint: skip the full-size resize and blend
+            heatmap_overlay(canvas, result.map_at((w, h)), lo, hi, alpha, colormap)
     fw, fh = result.frame_size
     scale = (w / fw, h / fh) if fw > 0 and fh > 0 else (1.0, 1.0)
-    draw_regions(canvas, result.regions, scale)
+    if anomalous:
+        draw_regions(canvas, result.regions, scale, threshold=result.pixel_threshold)
+    elif normal_regions == "faint":
+        draw_normal_regions(canvas, result.regions, scale)
     draw_status(canvas, result)
     return canvas
 
@@ -158,7 +202,10 @@ class Annotator:
     """Full overlay for recorded video: `annotate_frame` plus each camera's scrolling score timeline."""
 
     def __init__(self, timeline_s: float = 10.0, map_floor: float = 1.0, alpha: float = 0.6,
-                 colormap: int = cv2.COLORMAP_INFERNO) -> None:
+                 colormap: int = cv2.COLORMAP_INFERNO, normal_regions: str = "faint") -> None:
+        if normal_regions not in NORMAL_REGIONS:
+            raise ValueError(f"normal_regions: expected one of {NORMAL_REGIONS}, got {normal_regions!r}")
+        self.normal_regions = normal_regions
         self.timeline_s = float(timeline_s)
         self.map_floor = map_floor
         self.alpha = alpha
@@ -173,5 +220,6 @@ class Annotator:
         hist.append((ts, float(result.score), float(result.threshold)))
         while hist and hist[0][0] < ts - self.timeline_s:
             hist.popleft()
-        canvas = annotate_frame(frame.image, result, self.map_floor, self.alpha, self.colormap)
+        canvas = annotate_frame(frame.image, result, self.map_floor, self.alpha, self.colormap,
+                                self.normal_regions)
         return draw_timeline(canvas, hist, ts, self.timeline_s)

@@ -46,7 +46,7 @@ class VideoSink:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.fps = float(fps_hint) if fps_hint and fps_hint > 0 else 25.0
-        self.annotator = Annotator(timeline_s=cfg.timeline_s)
+        self.annotator = Annotator(timeline_s=cfg.timeline_s, normal_regions=cfg.normal_regions)
         self.paths: list[str] = []  # every file this sink created, in order
         self._recs: dict[str, _Recording] = {}
         self._closed = False

@@ -53,7 +53,7 @@ trees = st.recursive(
 configs_trees = st.one_of(st.dictionaries(st.sampled_from(KNOWN[:7]) | keys, trees, max_size=7), trees)
 
 
-def _check_user_error(err: UserError, origin: str) -> None:
+def _check_user_error(err: UserError, origin: str | tuple[str, ...]) -> None:
     text = str(err)
     assert text.strip(), "empty error message"
     for line in text.splitlines():
@@ -121,7 +121,7 @@ def test_load_with_random_environment_overrides(environ):
     try:
         cfg = configs.load("default", environ=environ)
     except UserError as err:
-        _check_user_error(err, str(configs.builtin("default")))
+        _check_user_error(err, (str(configs.builtin("default")), "environment variable SPADE__"))
     else:
         assert isinstance(cfg, AppConfig)
 
