@@ -7,7 +7,6 @@ naming the file or field, and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -63,6 +62,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_fit(args) -> int:
     import configs
+    from configs import jsonsafe
     from detector.fit import fit_bank
 
     cfg = configs.load(args.config)
@@ -77,12 +77,13 @@ def cmd_fit(args) -> int:
         out = {"bank": str(args.bank), "scenes": {s: summary(m) for s, m in meta["scenes"].items()}}
     else:
         out = {"bank": str(args.bank)} | summary(meta)
-    print(json.dumps(out, indent=1))
+    print(jsonsafe.dumps(out, indent=1))
     return 0
 
 
 def cmd_eval(args) -> int:
     import configs
+    from configs import jsonsafe
     from configs.errors import UserError
     from evaluation.run import evaluate
 
@@ -92,7 +93,7 @@ def cmd_eval(args) -> int:
     m = evaluate(cfg, args.data, args.bank, args.out, every=args.every, smoothing=args.smooth,
                  window=args.window if args.smooth != "none" else 1, progress=not args.quiet)
     keys = ("frame_auroc_micro", "frame_auroc_macro", "pixel_auroc", "n_frames", "frame_score")
-    print(json.dumps({k: m[k] for k in keys} | {"metrics": str(Path(args.out) / "metrics.json")}, indent=1))
+    print(jsonsafe.dumps({k: m[k] for k in keys} | {"metrics": str(Path(args.out) / "metrics.json")}, indent=1))
     return 0
 
 

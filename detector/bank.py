@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import numpy as np
 
 from configs.errors import UserError
 from detector.scenes import INDEX as SCENE_INDEX, not_a_single_bank, read_index
+from configs import jsonsafe
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no motion model, no held-out component sequences; 2: no coreset
@@ -142,11 +144,15 @@ def write_coreset(directory: Path, feats: np.ndarray, index: np.ndarray, params:
 
 def write_meta(directory: Path, meta: dict) -> None:
     tmp = Path(directory) / (META + ".part")
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(jsonsafe.dumps(meta, indent=1))
     os.replace(tmp, Path(directory) / META)
 
 
 def _write_faiss(path: Path, glob: np.ndarray) -> None:
+    # faiss's loader logs at INFO every optimised build it tries and cannot load ("Could not load library
+    # with AVX512 support due to: ModuleNotFoundError(...)"): expected and harmless, yet it reads as an error.
+    for name in ("faiss", "faiss.loader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:

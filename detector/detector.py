@@ -58,7 +58,7 @@ class ScoredBatch:
                 frame_size=f.size, image_score=float(self.comps["image_knn"][i]),
                 components={k: float(v[i]) for k, v in self.comps.items()},
                 neighbours=self.neighbours[i, :k_image],
-                pixel_threshold=pix_t if math.isfinite(pix_t) else None,
+                pixel_threshold=pix_t if math.isfinite(pix_t) else None, wall_ts=f.wall_ts,
             ))
         return out
 

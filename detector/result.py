@@ -34,7 +34,7 @@ class FrameResult:
 
     camera_id: str
     frame_index: int
-    timestamp: float  # capture time, seconds since the epoch (or media time for offline files)
+    timestamp: float  # the stream's clock (Frame.timestamp): epoch capture time, or media time for files
     score: float  # the frame score used for alerting (see DetectorConfig.frame_score)
     threshold: float  # the frame-score threshold in force when this frame was scored
     anomaly_map: np.ndarray  # float32 [S, S]
@@ -46,6 +46,17 @@ class FrameResult:
     # The region threshold (anomaly map units) of the bank that scored this frame; None: uncalibrated.
     # Each camera may have its own bank, so sinks read it here rather than holding one.
     pixel_threshold: float | None = None
+    wall_ts: float | None = None  # Frame.wall_ts: epoch decode time when `timestamp` is media time
+
+    @property
+    def epoch_ts(self) -> float:
+        """Seconds since the epoch: capture time, or decode time for a recorded file's frame."""
+        return float(self.wall_ts) if self.wall_ts is not None else float(self.timestamp)
+
+    @property
+    def media_ts(self) -> float | None:
+        """Seconds into a recorded file; None for live (and paced) sources."""
+        return float(self.timestamp) if self.wall_ts is not None else None
 
     @property
     def is_anomalous(self) -> bool:
@@ -65,7 +76,8 @@ class FrameResult:
         return {
             "camera": self.camera_id,
             "frame_index": int(self.frame_index),
-            "ts": float(self.timestamp),
+            "ts": self.epoch_ts,
+            "media_ts": self.media_ts,
             "score": float(self.score),
             "threshold": float(self.threshold),
             "is_anomalous": self.is_anomalous,

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from configs.errors import UserError
+from configs import jsonsafe
 
 INDEX = "scenes.json"
 FORMAT = "spade-scenes"
@@ -59,7 +60,7 @@ def write_index(bank_dir: Path, scenes: list[str]) -> None:
     """Written after each scene's bank is complete, so an interrupted fit leaves the finished ones usable."""
     doc = {"format": FORMAT, "version": 1, "scenes": {s: scene_dir(s) for s in scenes}}
     tmp = Path(bank_dir) / (INDEX + ".part")
-    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.write_text(jsonsafe.dumps(doc, indent=1))
     tmp.replace(Path(bank_dir) / INDEX)
 
 

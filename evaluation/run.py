@@ -1,7 +1,6 @@
 """Offline evaluation on an STC-layout test set: frame AUROC (micro, macro), pixel AUROC, plots."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.schema import AppConfig
+from configs import jsonsafe
 from configs.errors import UserError
 from detector.detector import Detector
 from detector.scenes import read_index, scene_of
@@ -243,21 +243,9 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
         **({"per_scene": per_scene} if per_scene else {}),
         "per_video": videos_out,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    (out_dir / "metrics.json").write_text(jsonsafe.dumps(metrics, indent=1))
     if plots:
         from evaluation.plots import write_plots
 
         write_plots(out_dir, labels, scores, pix_all, videos_out, dict(zip(videos_out, thr)))
     return metrics
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _json_safe(x.item())
-    return x

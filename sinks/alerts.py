@@ -1,7 +1,8 @@
 """Alert lifecycle per camera (hysteresis + minimum durations) and the wire form of every message.
 
-State machine per camera, driven only by frame timestamps (never the wall clock, so offline files and
-replays alert exactly like live streams):
+State machine per camera, driven only by each frame's stream clock (`FrameResult.timestamp`: capture
+time for live cameras, media time for recorded files; never the wall clock, so offline files and replays
+alert exactly like live streams):
 
     idle --score >= enter--> pending --held for min_duration_s--> OPEN  (emit "new")
     pending --score < enter--> idle                                   (a short spike never alerts)
@@ -11,6 +12,12 @@ replays alert exactly like live streams):
 While OPEN, "update" is emitted when the peak score rose materially or the regions changed, at most once
 per `update_interval_s`. A change that arrives inside the quiet interval is not lost: the next frame after
 the interval compares against what was last *emitted*, so it goes out then if it still holds.
+
+Times on the wire are seconds since the epoch (`start_ts`, `end_ts`: the capture, or for a recorded file
+the decode, time of the frames where the alert started and ended); alerts of a recorded file also carry
+`start_media_ts` / `end_media_ts`, seconds into the file (null for live cameras). Every message's
+`regions` are those of the frame it names by `frame_index` (an "end" after recovery usually has none);
+`peak_regions` are those of the alert's highest-scoring frame so far, which its snapshot shows.
 """
 from __future__ import annotations
 
@@ -41,22 +48,38 @@ class Peak:
         return float(self.result.score)
 
 
+@dataclass(frozen=True)
+class _When:
+    """One instant on both clocks: the stream's (alert timing) and the epoch (messages)."""
+
+    stream: float
+    epoch: float
+    media: Optional[float]
+
+    @staticmethod
+    def of(result: FrameResult) -> "_When":
+        return _When(float(result.timestamp), result.epoch_ts, result.media_ts)
+
+
 @dataclass
 class _Open:
     alert_id: str
-    start_ts: float
+    start: _When
     peak: Peak
     last_event_ts: float
     emitted_peak: float
     emitted_regions: list[Region]
     below_since: Optional[float] = None
+    below_when: Optional[_When] = None  # the frame where the score first dropped below exit
 
 
 @dataclass
 class _Camera:
     last_ts: Optional[float] = None
+    last: Optional[FrameResult] = None
     last_index: int = -1
     above_since: Optional[float] = None  # pending: first frame of the current run >= enter
+    above_when: Optional[_When] = None
     pending_peak: Optional[Peak] = None
     open: Optional[_Open] = None
 
@@ -148,6 +171,7 @@ class AlertTracker:
                 if cam.open.below_since is not None:
                     cam.open.below_since = ts
         cam.last_ts = ts
+        cam.last = result
         cam.last_index = int(result.frame_index)
         enter, exit_ = thresholds(self.cfg, result)
         score = float(result.score)  # NaN compares False everywhere: treated as "not anomalous"
@@ -157,25 +181,26 @@ class AlertTracker:
 
     def _idle_step(self, cam: _Camera, result, frame, ts, score, enter) -> list[AlertEvent]:
         if not score >= enter:
-            cam.above_since, cam.pending_peak = None, None
+            cam.above_since, cam.above_when, cam.pending_peak = None, None, None
             return []
         if cam.above_since is None:
-            cam.above_since = ts
+            cam.above_since, cam.above_when = ts, _When.of(result)
         if cam.pending_peak is None or score > cam.pending_peak.score:
             cam.pending_peak = Peak(frame, result)
         if ts - cam.above_since < self.cfg.min_duration_s:
             return []
         peak = cam.pending_peak
+        start = cam.above_when or _When.of(result)
         cam.open = _Open(
-            alert_id=new_alert_id(result.camera_id, cam.above_since),
-            start_ts=cam.above_since,
+            alert_id=new_alert_id(result.camera_id, start.epoch),
+            start=start,
             peak=peak,
             last_event_ts=ts,
             emitted_peak=peak.score,
             emitted_regions=list(result.regions),
         )
-        cam.above_since, cam.pending_peak = None, None
-        return [self._event("new", cam.open, result, regions=list(result.regions))]
+        cam.above_since, cam.above_when, cam.pending_peak = None, None, None
+        return [self._event("new", cam.open, result)]
 
     def _open_step(self, cam: _Camera, result, frame, ts, score, enter, exit_) -> list[AlertEvent]:
         op = cam.open
@@ -183,11 +208,11 @@ class AlertTracker:
             op.peak = Peak(frame, result, op.peak.version + 1)
         if not score >= exit_:
             if op.below_since is None:
-                op.below_since = ts
+                op.below_since, op.below_when = ts, _When.of(result)
             if ts - op.below_since >= self.cfg.exit_duration_s:
-                return [self._end(cam, "recovered", result.frame_index)]
+                return [self._end(cam, "recovered", result)]
             return []  # fading out: region churn while the score decays is noise, not news
-        op.below_since = None
+        op.below_since, op.below_when = None, None
         if ts - op.last_event_ts < self.cfg.update_interval_s:
             return []
         # Relative to the last emitted peak; the |enter| floor keeps scores normalised around zero
@@ -200,7 +225,7 @@ class AlertTracker:
         op.last_event_ts = ts
         op.emitted_peak = op.peak.score
         op.emitted_regions = list(result.regions)
-        return [self._event("update", op, result, regions=list(result.regions))]
+        return [self._event("update", op, result)]
 
     def close(self, reason: str = "shutdown", camera: str | None = None) -> list[AlertEvent]:
         """End every open alert (or only `camera`'s) with `reason` ("shutdown" | "source_ended")."""
@@ -209,33 +234,36 @@ class AlertTracker:
         for name, cam in self._cams.items():
             if camera is not None and name != camera:
                 continue
-            cam.above_since, cam.pending_peak = None, None
-            if cam.open is not None:
-                events.append(self._end(cam, reason, cam.last_index))
+            cam.above_since, cam.above_when, cam.pending_peak = None, None, None
+            if cam.open is not None and cam.last is not None:
+                events.append(self._end(cam, reason, cam.last))
         return events
 
-    def _end(self, cam: _Camera, reason: str, frame_index: int) -> AlertEvent:
+    def _end(self, cam: _Camera, reason: str, result: FrameResult) -> AlertEvent:
+        """End the open alert at `result` (the frame that ended it: the one that completed the exit
+        duration, or on shutdown / end of input the camera's last frame)."""
         op = cam.open
         # The anomaly ended when the score first dropped below exit; on shutdown, at the last frame.
-        end_ts = op.below_since if op.below_since is not None else cam.last_ts
+        end = op.below_when if op.below_when is not None else _When.of(result)
         cam.open = None
         self._ended[op.alert_id] = op.peak
-        # "end" carries the peak frame's regions: they describe what the snapshot shows.
-        ev = self._event("end", op, op.peak.result, regions=list(op.peak.result.regions))
-        ev.end_ts, ev.reason, ev.frame_index = end_ts, reason, frame_index
+        ev = self._event("end", op, result)
+        ev.end_ts, ev.end_media_ts, ev.reason = end.epoch, end.media, reason
         return ev
 
     @staticmethod
-    def _event(kind: str, op: _Open, result: FrameResult, regions: list[Region]) -> AlertEvent:
+    def _event(kind: str, op: _Open, result: FrameResult) -> AlertEvent:
         return AlertEvent(
             type=kind,
             alert_id=op.alert_id,
             camera=result.camera_id,
-            start_ts=op.start_ts,
+            start_ts=op.start.epoch,
             end_ts=None,
             peak_score=op.peak.score,
-            regions=regions,
+            regions=list(result.regions),
             frame_index=int(result.frame_index),
+            peak_regions=list(op.peak.result.regions),
+            start_media_ts=op.start.media,
         )
 
 
@@ -258,8 +286,11 @@ def alert_message(ev: AlertEvent) -> dict:
         "camera": ev.camera,
         "start_ts": _finite(ev.start_ts),
         "end_ts": None if ev.end_ts is None else _finite(ev.end_ts),
+        "start_media_ts": None if ev.start_media_ts is None else _finite(ev.start_media_ts),
+        "end_media_ts": None if ev.end_media_ts is None else _finite(ev.end_media_ts),
         "peak_score": _finite(ev.peak_score),
         "regions": _json_regions(ev.regions),
+        "peak_regions": _json_regions(ev.peak_regions),
         "snapshot": ev.snapshot,
         "reason": ev.reason,
         "frame_index": int(ev.frame_index),
@@ -269,6 +300,7 @@ def alert_message(ev: AlertEvent) -> dict:
 def frame_message(result: FrameResult) -> dict:
     rec = result.to_record()
     rec["ts"] = _finite(rec["ts"])
+    rec["media_ts"] = None if rec["media_ts"] is None else _finite(rec["media_ts"])
     rec["score"] = _finite(rec["score"])
     rec["threshold"] = _finite(rec["threshold"])
     rec["regions"] = _json_regions(result.regions)

@@ -15,13 +15,16 @@ class AlertEvent:
     type: str  # "new" | "update" | "end"
     alert_id: str
     camera: str
-    start_ts: float
+    start_ts: float  # seconds since the epoch
     end_ts: Optional[float]
     peak_score: float
     regions: list[Region] = field(default_factory=list)
     snapshot: Optional[str] = None
     reason: Optional[str] = None  # for "end": "recovered" | "shutdown" | "source_ended"
-    frame_index: int = -1
+    frame_index: int = -1  # the frame this message describes; `regions` are that frame's
+    peak_regions: list[Region] = field(default_factory=list)  # the peak frame's (what the snapshot shows)
+    start_media_ts: Optional[float] = None  # seconds into a recorded file; None for live cameras
+    end_media_ts: Optional[float] = None
 
 
 class Sink(Protocol):

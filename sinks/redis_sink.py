@@ -515,7 +515,7 @@ class RedisSink:
         def num(x):
             return "nan" if x is None else repr(float(x))
 
-        return {
+        fields = {
             "v": str(rec["v"]),
             "camera": rec["camera"],
             "frame_index": str(rec["frame_index"]),
@@ -525,6 +525,9 @@ class RedisSink:
             "is_anomalous": "1" if rec["is_anomalous"] else "0",
             "regions": json.dumps(rec["regions"], separators=(",", ":")),
         }
+        if rec.get("media_ts") is not None:  # recorded files only
+            fields["media_ts"] = num(rec["media_ts"])
+        return fields
 
     def _deliver_spool(self) -> bool:
         entries = self.spool.peek(64)

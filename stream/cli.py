@@ -109,6 +109,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     from detector.cameras import CameraDetectors
     from sinks import build_sinks
     from stream.pipeline import Pipeline
+    from stream.sources import check_recorded
 
     if not cfg.sources:
         raise UserError("sources: no camera or file configured (add `sources:` to the config or --source NAME=URL)")
@@ -121,6 +122,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
 
         names = configs.load_secrets(cfg.pipeline.secrets_file)
         log.info("secrets file %s: %d name(s) loaded", cfg.pipeline.secrets_file, len(names))
+    check_recorded(cfg.sources)  # a missing or undecodable file is reported before the model loads
     det = CameraDetectors.load(cfg, bank)
     det.warm_up(cfg.pipeline.max_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,60 +153,135 @@ def _summary_json(summary) -> dict:
             "sink_errors": summary.sink_errors}
 
 
+EXIT_NO_FRAMES = 3  # the run ended without any camera delivering a frame (all unreachable, say)
+
+
 def cmd_run(args) -> int:
+    """Exit codes: 0 when the run ended (duration, signal, end of input) with frames from some camera;
+    2 for bad input (nothing starts; or every source failed); 3 when no camera ever delivered a frame."""
     import configs
+    from configs import jsonsafe
 
     cfg = apply_cli_overrides(configs.load(args.config), args)
     summary = run_pipeline(cfg, Path(args.bank) if args.bank else None, Path(args.out), args.duration,
                            progress=cfg.pipeline.progress and not args.no_progress and not args.quiet)
-    print(json.dumps(_summary_json(summary), indent=1, default=str))
+    print(jsonsafe.dumps(_summary_json(summary), indent=1))
     failed = [n for n, c in summary.cameras.items() if c.get("error")]
     for n in failed:  # one line each, naming the camera and the (redacted) file or URL
         print(f"error: {n}: {summary.cameras[n]['error']}", file=sys.stderr)
-    return 2 if failed and len(failed) == len(summary.cameras) else 0
+    if failed and len(failed) == len(summary.cameras):
+        return 2
+    if summary.frames == 0:
+        print("error: no camera delivered a frame during the run (states: "
+              + ", ".join(f"{n} {c['state']}" for n, c in summary.cameras.items()) + ")", file=sys.stderr)
+        return EXIT_NO_FRAMES
+    return 0
+
+
+def _demo_bank(cfg, out: Path, seed: int, quiet: bool) -> tuple[Path, bool]:
+    """The demo's bank: fitted once on generated normal footage and reused while the config's detector
+    and bank settings and the seed stay the same (`<out>/bank/demo.json` records them). The footage is
+    deleted after the fit; only the bank stays. Returns (bank directory, reused)."""
+    import hashlib
+    import shutil
+
+    from configs import jsonsafe
+    from detector.fit import fit_bank
+    from stream.synthetic import generate_stc
+
+    bank = out / "bank"
+    key = {"seed": seed, "detector": cfg.detector.model_dump(mode="json"), "bank": cfg.bank.model_dump(mode="json")}
+    digest = hashlib.sha256(jsonsafe.dumps(key, sort_keys=True).encode()).hexdigest()
+    stamp = bank / "demo.json"
+    try:
+        if json.loads(stamp.read_text()).get("digest") == digest and (bank / "meta.json").is_file():
+            print(f"[1/3] reusing the memory bank in {bank} (same config and seed)", flush=True)
+            return bank, True
+    except (OSError, ValueError):
+        pass
+    footage = out / "footage.tmp"
+    shutil.rmtree(footage, ignore_errors=True)
+    shutil.rmtree(bank, ignore_errors=True)
+    # Neighbouring frames of a fixed camera at 24 fps are near-duplicates: every 4th keeps the bank at
+    # ~40 MB instead of ~160 MB, with the same alerts on the demo's clips.
+    fit_cfg = cfg.model_copy(deep=True)
+    fit_cfg.bank.every = max(cfg.bank.every, DEMO_BANK_EVERY)
+    print(f"[1/3] generating 20 s of normal footage and fitting a memory bank ({cfg.detector.backbone.name}, "
+          f"every {fit_cfg.bank.every}th frame) in {bank}", flush=True)
+    try:
+        generate_stc(footage, seed=seed, fps=DEMO_FPS, train_videos=2, train_frames=240, test_videos=0)
+        fit_bank(fit_cfg, footage, bank, progress=not quiet)
+    finally:
+        shutil.rmtree(footage, ignore_errors=True)
+    stamp.write_text(jsonsafe.dumps({"digest": digest, "seed": seed}) + "\n")
+    return bank, False
+
+
+def _new_run_dir(out: Path) -> Path:
+    """`<out>/runs/<YYYYmmdd-HHMMSS>` (a suffix if two runs start in one second), and `<out>/latest`
+    pointing at it: every run keeps its own events, video and snapshots."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        run = out / "runs" / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    latest = out / "latest"
+    tmp = out / ".latest.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run.relative_to(out), target_is_directory=True)
+        tmp.replace(latest)
+    except OSError as err:  # a file system without symlinks: the run folder is still printed
+        log.debug("could not point %s at %s: %s", latest, run, err)
+    return run
+
+
+DEMO_FPS = 24
+DEMO_BANK_EVERY = 4
 
 
 def cmd_demo(args) -> int:
     import configs
+    from configs import jsonsafe
     from configs.schema import SourceConfig
-    from detector.fit import fit_bank
-    from stream.synthetic import generate_stc, render_clip
+    from stream.synthetic import render_clip
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = configs.load(args.config)
-    fps = 24
     t0 = time.monotonic()
-    print(f"[1/4] generating normal footage in {out / 'footage'}", flush=True)
-    generate_stc(out / "footage", seed=args.seed, fps=fps, train_videos=2, train_frames=240,
-                 test_videos=3, test_frames=120)
-    print(f"[2/4] fitting a memory bank ({cfg.detector.backbone.name}) in {out / 'bank'}", flush=True)
-    fit_bank(cfg, out / "footage", out / "bank", progress=not args.quiet)
-    clip = out / f"clip_{args.anomaly}.mp4"
-    n = max(24, int(args.seconds * fps))
-    print(f"[3/4] rendering a {args.seconds:.0f} s test clip with an anomaly ({args.anomaly}): {clip}", flush=True)
-    render_clip(clip, seed=args.seed + 1000, fps=fps, frames=n, anomaly=args.anomaly)
+    bank, reused = _demo_bank(cfg, out, args.seed, args.quiet)
+    run = _new_run_dir(out)
+    clip = run / f"clip_{args.anomaly}.mp4"
+    n = max(DEMO_FPS, int(args.seconds * DEMO_FPS))
+    print(f"[2/3] rendering a {args.seconds:.0f} s test clip with an anomaly ({args.anomaly}): {clip}", flush=True)
+    render_clip(clip, seed=args.seed + 1000, fps=DEMO_FPS, frames=n, anomaly=args.anomaly)
     cfg.sources = [SourceConfig(name="demo_cam", url=str(clip))]
-    cfg.sinks.video.dir = str(out / "video")
-    cfg.alerts.snapshot_dir = str(out / "snapshots")
+    cfg.sinks.video.dir = str(run / "video")
+    cfg.alerts.snapshot_dir = str(run / "snapshots")
     cfg.sinks.jsonl.enabled = True
-    cfg.sinks.jsonl.path = str(out / "events.jsonl")
+    cfg.sinks.jsonl.path = str(run / "events.jsonl")
     if args.redis:
         cfg.sinks.redis.url = args.redis
-    print("[4/4] streaming the clip through the live pipeline", flush=True)
-    summary = run_pipeline(cfg, out / "bank", out, progress=not args.quiet)
-    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines() if x.strip()]
+    print(f"[3/3] streaming the clip through the live pipeline; outputs in {run}", flush=True)
+    summary = run_pipeline(cfg, bank, run, progress=not args.quiet)
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if x.strip()]
     alerts = [e for e in events if e.get("type") == "alert"]
     report = {
-        "annotated_video": sorted(str(p) for p in (out / "video").glob("*.mp4")),
-        "events": str(out / "events.jsonl"),
-        "snapshots": sorted(str(p) for p in (out / "snapshots").rglob("*.jpg")),
-        "alerts": [{k: a.get(k) for k in ("event", "alert_id", "start_ts", "end_ts", "peak_score", "snapshot")}
-                   for a in alerts],
+        "run": str(run),
+        "bank": {"path": str(bank), "reused": reused},
+        "annotated_video": sorted(str(p) for p in (run / "video").glob("*.mp4")),
+        "events": str(run / "events.jsonl"),
+        "snapshots": sorted(str(p) for p in (run / "snapshots").rglob("*.jpg")),
+        "alerts": [{k: a.get(k) for k in ("event", "alert_id", "start_ts", "end_ts", "start_media_ts",
+                                          "end_media_ts", "peak_score", "snapshot")} for a in alerts],
         "pipeline": _summary_json(summary),
         "total_s": round(time.monotonic() - t0, 1),
     }
-    print(json.dumps(report, indent=1, default=str))
+    print(jsonsafe.dumps(report, indent=1))
     return 0
 
 
@@ -221,7 +298,9 @@ def cmd_synth(args) -> int:
                                test_videos=args.test_videos, test_frames=args.test_frames)
     except ValueError as err:
         raise UserError(f"synth: {err}") from None
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+    from configs import jsonsafe
+
+    print(jsonsafe.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=1))
     return 0
 
 

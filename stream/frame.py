@@ -13,7 +13,10 @@ from stream.picture import Picture
 class Frame:
     camera_id: str
     index: int  # 0-based index among the frames the source decoded
-    timestamp: float  # wall-clock capture time (time.time()) for live sources, media time for files
+    # The stream's clock, which alert durations and the video's segments follow: capture time (seconds
+    # since the epoch, time.time()) for live and paced sources; media time (seconds from the first
+    # frame) for recorded files read as fast as they decode, so a file alerts the same however fast.
+    timestamp: float
     # As decoded: the full-size RGB image is made only if a sink draws (stream.picture). An RGB array
     # (uint8 [H, W, 3]) is accepted and wrapped.
     picture: Union[Picture, np.ndarray]
@@ -25,6 +28,9 @@ class Frame:
     # consecutive, however close their indices: the detector neither computes flow nor smooths scores
     # across a change (a reconnect can follow minutes of outage).
     sequence: int = 0
+    # Seconds since the epoch when a recorded file's frame was decoded; None when `timestamp` is already
+    # epoch time (live and paced sources). Messages give every time in epoch seconds (FrameResult.epoch_ts).
+    wall_ts: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.picture, np.ndarray):

@@ -34,7 +34,6 @@ ended normally is healthy.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -46,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from configs.errors import UserError
+from configs import jsonsafe
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class MetricsServer:
                         body, ctype, code = server.metrics_text(), CONTENT_TYPE_LATEST, 200
                     elif path in ("/healthz", "/health"):
                         code, doc = server.health()
-                        body, ctype = (json.dumps(doc) + "\n").encode(), "application/json"
+                        body, ctype = (jsonsafe.dumps(doc) + "\n").encode(), "application/json"
                     else:
                         body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain", 404
                 except Exception:

@@ -26,7 +26,8 @@ from stream.stats import PipelineStats
 log = logging.getLogger(__name__)
 
 ONLINE_STATES = {SourceState.STREAMING}
-OFFLINE_STATES = {SourceState.RECONNECTING, SourceState.FAILED, SourceState.STOPPED}
+OFFLINE_STATES = {SourceState.RECONNECTING}
+TERMINAL_STATES = {SourceState.FAILED, SourceState.STOPPED}
 
 
 @dataclass
@@ -59,7 +60,9 @@ class Pipeline:
         self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
         self._stop = threading.Event()
         self._sink_q: queue.Queue = queue.Queue(maxsize=4)
-        self._online: dict[str, str] = {}
+        self._online: dict[str, str] = {}  # camera -> "online" / "offline", as last published
+        self._final_status: dict[str, str] = {}  # camera -> detail of its final state, held back
+        self._status_lock = threading.RLock()
         self._ended: set[str] = set()
         self._reason = "finished"
         self.detector_errors = 0
@@ -81,19 +84,37 @@ class Pipeline:
             self._stop.set()
 
     def _on_status(self, ev: StatusEvent) -> None:
-        """Called on source threads: forwarded to the sink thread so sinks see one ordered stream."""
+        """Called on source threads: forwarded to the sink thread so sinks see one ordered stream.
+
+        A source's final state (stopped / failed) is held back until the pipeline has published its
+        last frame and ended its open alert (`_finish_camera`): a camera's "offline" for good always
+        comes after its alert's "end". A live camera's outage (reconnecting) goes out at once."""
         st = self.stats.camera(ev.camera)
         st.status = ev.state.value if hasattr(ev.state, "value") else str(ev.state)
-        if ev.state in ONLINE_STATES:
-            state = "online"
-        elif ev.state in OFFLINE_STATES:
-            state = "offline"
-        else:
-            return
-        if self._online.get(ev.camera) == state:
-            return
-        self._online[ev.camera] = state
-        self._put(("status", ev.camera, state, ev.detail))
+        with self._status_lock:
+            if ev.state in TERMINAL_STATES:
+                self._final_status[ev.camera] = ev.detail
+                return
+            if ev.state in ONLINE_STATES:
+                state = "online"
+            elif ev.state in OFFLINE_STATES:
+                state = "offline"
+            else:
+                return
+            if self._online.get(ev.camera) == state or ev.camera in self._ended:
+                return
+            self._online[ev.camera] = state
+            self._put(("status", ev.camera, state, ev.detail))
+
+    def _finish_camera(self, name: str, reason: str) -> None:
+        """The camera's last frame is queued: end its open alert with `reason`, then say it is offline."""
+        with self._status_lock:
+            self._ended.add(name)
+            self._put(("end_camera", name, reason))
+            detail = self._final_status.pop(name, None) or "stopped"
+            if self._online.get(name) != "offline":
+                self._online[name] = "offline"
+                self._put(("status", name, "offline", detail))
 
     def _put(self, item) -> None:
         while True:
@@ -144,22 +165,19 @@ class Pipeline:
                     _, camera, state, detail = item
                     self.sinks.camera_status(camera, state, detail)
                 elif kind == "end_camera":
-                    self.sinks.end_camera(item[1], "source_ended")
+                    _, camera, reason = item
+                    self.sinks.end_camera(camera, reason)
             except Exception:
                 log.exception("sink thread: %s failed", kind)
 
     # --- main loop ------------------------------------------------------------------------------
-    def _check_finished_sources(self, announce: bool = True) -> None:
-        """Announce sources whose input ended (their open alert ends with reason "source_ended").
-        announce=False after stop(): they ended because we stopped them, and their alerts end with
-        the run's reason ("shutdown") in sinks.close()."""
+    def _check_finished_sources(self) -> None:
+        """Announce sources whose input ended: their open alert ends with reason "source_ended"."""
         for s in self.sources:
             if s.name not in self._ended and s.finished:
-                self._ended.add(s.name)
                 if s.error is not None:
                     log.error("%s: %s", s.name, s.error)
-                if announce:
-                    self._put(("end_camera", s.name))
+                self._finish_camera(s.name, "source_ended")
 
     def run(self, duration_s: Optional[float] = None, progress: bool | None = None) -> RunSummary:
         progress = self.cfg.pipeline.progress if progress is None else progress
@@ -201,11 +219,15 @@ class Pipeline:
             stopped = self._stop.is_set()
             for s in self.sources:
                 s.stop(timeout=max(0.05, stop_deadline - time.monotonic()))
-            self._check_finished_sources(announce=not stopped)
-            self._put(None)
-            self._sink_thread.join()
             reason = "source_ended" if all_done and self._reason == "finished" else (
                 "shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
+            if not stopped:
+                self._check_finished_sources()
+            for s in self.sources:  # stopped by us (or stuck): their alerts end with the run's reason
+                if s.name not in self._ended:
+                    self._finish_camera(s.name, reason)
+            self._put(None)
+            self._sink_thread.join()
             self.sinks.close(reason=reason)
             display.stop()
             restore()
@@ -282,24 +304,40 @@ class ProgressDisplay:
         while not self._stop.wait(self.period):
             self._render()
 
-    def rows(self) -> list[str]:
+    COLUMNS = ("camera", "state", "fps", "lat_p50", "lat_p99", "frames", "dropped", "reconnects", "alerts")
+
+    def values(self) -> list[dict[str, str]]:
+        """One dict per camera: column -> text. A latency is "-" until the camera's first frame."""
         now = time.monotonic()
-        rows = [f"{'camera':<16} {'state':<12} {'fps':>6} {'lat p50':>8} {'lat p99':>8} {'frames':>8} "
-                f"{'dropped':>8} {'reconn':>6} {'alerts':>6}"]
+        out = []
         for s in self.p.sources:
             st = self.p.stats.camera(s.name)
-            rows.append(f"{s.name[:16]:<16} {s.state.value[:12]:<12} {st.fps(now):6.1f} "
-                        f"{st.latency_ms(0.5):7.0f}ms {st.latency_ms(0.99):7.0f}ms {st.processed:8d} "
-                        f"{s.dropped:8d} {s.reconnects:6d} {st.alerts_opened:6d}")
-        return rows
+            p50, p99 = st.latency_ms(0.5), st.latency_ms(0.99)
+            out.append({"camera": s.name, "state": s.state.value, "fps": f"{st.fps(now):.1f}",
+                        "lat_p50": "-" if p50 is None else f"{p50:.0f}ms",
+                        "lat_p99": "-" if p99 is None else f"{p99:.0f}ms",
+                        "frames": str(st.processed), "dropped": str(s.dropped),
+                        "reconnects": str(s.reconnects), "alerts": str(st.alerts_opened)})
+        return out
+
+    def rows(self) -> list[str]:
+        """The terminal table: a header, then a row per camera."""
+        widths = (16, 12, 6, 8, 8, 8, 8, 10, 6)
+        header = ["camera", "state", "fps", "lat p50", "lat p99", "frames", "dropped", "reconnects", "alerts"]
+
+        def line(cells):
+            first = [f"{cells[0][:16]:<16}", f"{cells[1][:12]:<12}"]
+            return " ".join(first + [f"{c:>{w}}" for c, w in zip(cells[2:], widths[2:])])
+
+        return [line(header)] + [line([v[c] for c in self.COLUMNS]) for v in self.values()]
 
     def _render(self) -> None:
-        rows = self.rows()
         if self.tty:
+            rows = self.rows()
             up = f"\x1b[{self._lines}F" if self._lines else ""
             sys.stderr.write(up + "".join(f"\x1b[2K{r}\n" for r in rows))
             sys.stderr.flush()
             self._lines = len(rows)
-        else:
-            for r in rows[1:]:
-                log.info("%s", " ".join(r.split()))
+        else:  # a log line per camera, every column named: "camera=gate state=streaming fps=25.0 ..."
+            for v in self.values():
+                log.info("%s", " ".join(f"{c}={v[c]}" for c in self.COLUMNS))

@@ -360,13 +360,13 @@ class Source:
                 self._set_state(SourceState.STOPPED, "stopped")
             self._buffer.close()
 
-    def _deliver(self, picture: Picture, timestamp: float) -> None:
+    def _deliver(self, picture: Picture, timestamp: float, wall_ts: Optional[float] = None) -> None:
         if self._state != SourceState.STREAMING:
             w, h = picture.size
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
         small = self._prepare(picture) if self._prepare is not None else None
         flow = self._flow(small) if self._flow is not None else None
-        frame = Frame(self.name, self.decoded, timestamp, picture, small, flow, self.sequence)
+        frame = Frame(self.name, self.decoded, timestamp, picture, small, flow, self.sequence, wall_ts)
         self.decoded += 1
         self.last_frame_time = self._clock()
         if not self._buffer.put(frame):
@@ -399,14 +399,15 @@ class Source:
                         raise _Stopped()
                     if period is not None:
                         due = self._pace(due, period)
-                        ts = self._clock()
+                        ts, wall = self._clock(), None  # paced: the stream's clock is epoch time
                     else:
+                        wall = self._clock()
                         if t is None:
                             t = (first_t or 0.0) + n / fps
                         if first_t is None:
                             first_t = t
                         ts = offset + (t - first_t)  # media time from 0 at the first frame
-                    self._deliver(picture, ts)
+                    self._deliver(picture, ts, wall)
                     last_ts, n = ts, n + 1
                 damage = src.damage
             if damage:
@@ -461,3 +462,26 @@ class Source:
             self._set_state(SourceState.RECONNECTING, f"{problem}; retrying in {delay:.2f} s", retry_in=delay)
             if self._stop.wait(delay):
                 return
+
+
+def check_recorded(cfgs: list[SourceConfig]) -> None:
+    """Open every recorded source (file, image folder) and decode its first frame, before anything
+    slow starts: a missing or undecodable file is bad input, reported at once (UserError, one line per
+    source) rather than after the model has loaded. Live sources are not opened here: a camera that is
+    down at start is not an error, it is reconnected to."""
+    problems = []
+    for cfg in cfgs:
+        try:
+            kind = cfg.kind if cfg.kind != "auto" else avio.classify(cfg.url)
+            if kind in avio.LIVE_KINDS:
+                continue
+            if kind == "images":
+                src = avio.ImageFolder(cfg.url)
+            else:
+                src = avio.VideoInput(cfg.url, kind, open_timeout=cfg.open_timeout_s, read_timeout=cfg.read_timeout_s)
+            with src:
+                next(iter(src.pictures()), None)
+        except UserError as err:
+            problems.append(f"sources.{cfg.name}: {avio.redact(str(err))}")
+    if problems:
+        raise UserError("\n".join(problems))

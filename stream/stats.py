@@ -32,9 +32,10 @@ class CameraStats:
             return 0.0
         return (len(ts) - 1) / max(ts[-1] - ts[0], 1e-6)
 
-    def latency_ms(self, q: float = 0.5) -> float:
+    def latency_ms(self, q: float = 0.5) -> float | None:
+        """The q-quantile of the latest capture-to-publish latencies; None before the first frame."""
         if not self._latency:
-            return float("nan")
+            return None
         return float(np.quantile(np.fromiter(self._latency, float), q) * 1000.0)
 
 

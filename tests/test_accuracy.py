@@ -64,12 +64,32 @@ def test_default_config_on_avenue(avenue_root, tmp_path):
 def test_demo_end_to_end(tmp_path):
     import av
 
-    r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "demo", "--out", str(tmp_path / "d"), "--quiet"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    events = [json.loads(x) for x in (tmp_path / "d" / "events.jsonl").read_text().splitlines()]
+    def demo(*extra):
+        r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "demo", "--out", str(tmp_path / "d"),
+                            "--quiet", *extra], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout[r.stdout.index("\n{") + 1:], parse_constant=lambda c: 1 / 0)
+
+    first = demo()
+    run1 = Path(first["run"])
+    assert first["bank"]["reused"] is False and (tmp_path / "d" / "latest").resolve() == run1.resolve()
+    events = [json.loads(x) for x in (run1 / "events.jsonl").read_text().splitlines()]
     alerts = [e for e in events if e["type"] == "alert"]
     assert [a["event"] for a in alerts][0] == "new" and alerts[-1]["event"] == "end"
     assert Path(alerts[-1]["snapshot"]).is_file()
-    with av.open(str(tmp_path / "d" / "video" / "demo_cam.mp4")) as c:
+    with av.open(str(run1 / "video" / "demo_cam.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == sum(1 for e in events if e["type"] == "frame") == 240
+    assert not (tmp_path / "d" / "footage.tmp").exists()  # generated footage is not left behind
+    bank_mb = sum(f.stat().st_size for f in (tmp_path / "d" / "bank").iterdir()) / 2**20
+    assert bank_mb < 60, bank_mb
+
+    # A second run into the same folder: its outputs are its own, the first run's stay, the bank is reused.
+    second = demo("--seconds", "2")
+    run2 = Path(second["run"])
+    assert second["bank"]["reused"] is True and run2 != run1
+    assert (tmp_path / "d" / "latest").resolve() == run2.resolve()
+    frames2 = [e for e in map(json.loads, (run2 / "events.jsonl").read_text().splitlines()) if e["type"] == "frame"]
+    assert len(frames2) == 48 and second["pipeline"]["cameras"]["demo_cam"]["processed"] == 48
+    assert all(str(run2) in p for p in second["snapshots"] + second["annotated_video"])
+    assert {a["alert_id"] for a in second["alerts"]}.isdisjoint(a["alert_id"] for a in alerts)
+    assert (run1 / "events.jsonl").read_text().count("\n") == len(events)  # untouched

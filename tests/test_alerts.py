@@ -164,8 +164,8 @@ def test_alert_ids_unique_and_message_form():
     msg = alert_message(ea)
     assert msg == {
         "v": 1, "type": "new", "alert_id": ea.alert_id, "camera": "cam", "start_ts": 1000.0,
-        "end_ts": None, "peak_score": 2.0, "regions": [], "snapshot": None, "reason": None,
-        "frame_index": 4,
+        "end_ts": None, "start_media_ts": None, "end_media_ts": None, "peak_score": 2.0, "regions": [],
+        "peak_regions": [], "snapshot": None, "reason": None, "frame_index": 4,
     }
 
 

@@ -35,9 +35,9 @@ def test_one_anomaly_gives_new_update_end_in_order(env, tmp_path):
     alerts = records(tmp_path / "events.jsonl", "alert")
     kinds = [a["event"] for a in alerts]
     assert kinds[0] == "new" and kinds[-1] == "end" and kinds.count("new") == 1 and kinds.count("end") == 1
-    start = alerts[0]["start_ts"]
+    start = alerts[0]["start_media_ts"]
     assert ANOMALY[0] / 24 - 0.2 <= start <= ANOMALY[0] / 24 + 0.3
-    assert alerts[-1]["reason"] == "recovered" and alerts[-1]["end_ts"] <= ANOMALY[1] / 24 + 0.5
+    assert alerts[-1]["reason"] == "recovered" and alerts[-1]["end_media_ts"] <= ANOMALY[1] / 24 + 0.5
     assert Path(alerts[-1]["snapshot"]).is_file()
     frames = records(tmp_path / "events.jsonl", "frame")
     inside = [f for f in frames if ANOMALY[0] + 3 <= f["frame_index"] < ANOMALY[1] - 1]

@@ -105,8 +105,8 @@ def test_alerts_published_in_order_replayable_and_frames_streamed(server, client
         assert got == expected, channel
 
     new = next(d for _, d in sub.messages)
-    assert set(new) == {"v", "type", "alert_id", "camera", "start_ts", "end_ts", "peak_score", "regions",
-                        "snapshot", "reason", "frame_index"}
+    assert set(new) == {"v", "type", "alert_id", "camera", "start_ts", "end_ts", "start_media_ts", "end_media_ts",
+                        "peak_score", "regions", "peak_regions", "snapshot", "reason", "frame_index"}
     assert new["v"] == 1 and new["camera"] == "cam1" and new["end_ts"] is None
     assert new["start_ts"] == pytest.approx(100.4) and new["regions"] == [[5, 6, 25, 30, 2.5, 321]]
     end = sub.messages[-1][1]

@@ -331,7 +331,7 @@ def test_run_odd_but_valid_input_is_processed(tiny, tmp_path, capsys, name):
     assert summary["cameras"]["cam"]["processed"] == n and summary["sink_errors"] == {}
     frames = records(out / "events.jsonl", "frame")
     assert [f["frame_index"] for f in frames] == list(range(n))
-    ts = [f["ts"] for f in frames]
+    ts = [f["media_ts"] for f in frames]
     assert ts == sorted(ts)
     if name == "vfr":  # media time is kept, not a constant rate
         assert ts[-1] - ts[0] == pytest.approx(0.68, abs=0.01)
@@ -392,9 +392,10 @@ def test_fit_with_a_bad_file_among_good_ones(tiny, tmp_path, capsys):
     assert not (tmp_path / "bank" / "meta.json").exists()
 
 
-def test_cli_good_and_bad_source_keeps_everything_of_the_good_one(tiny, tmp_path):
-    """A real `run_stream.py run` process: the bad camera fails with one error line naming its file,
-    the good one is processed completely, and its annotated video is finalised."""
+def test_cli_bad_source_among_good_ones_is_refused_before_anything_starts(tiny, tmp_path):
+    """A real `run_stream.py run` process: a file that cannot be decoded is bad input, refused up front
+    (exit 2, one line naming the camera and its file) before the model loads, like `fit` refuses a bad
+    file among good ones; nothing is started, so nothing is half-written."""
     good = make_video(tmp_path / "good.mp4", n=20)
     bad = _random(tmp_path)
     out = tmp_path / "out"
@@ -402,14 +403,31 @@ def test_cli_good_and_bad_source_keeps_everything_of_the_good_one(tiny, tmp_path
                         "--bank", str(tiny / "bank"), "--source", f"good={good}", "--source", f"bad={bad}",
                         "--out", str(out), "--video-out", str(out / "video"), "--no-progress"],
                        capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 2, r.stderr
     lines = error_lines(r.stderr)
-    assert len(lines) == 1 and "bad" in lines[0] and "random.mp4" in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    assert len(lines) == 1 and "sources.bad" in lines[0] and "random.mp4" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout.strip() == ""
+    assert not (out / "events.jsonl").exists() and not (out / "video").exists()
+
+
+def test_a_source_failing_mid_run_leaves_everything_of_the_good_one(tiny, tmp_path):
+    """A source that fails after the run started (here: the pipeline is given one the start-up check
+    never saw) fails alone: the good camera is processed completely and its annotated video finalised."""
+    import configs
+    from configs.schema import SourceConfig
+    from tests.helpers import run as run_pipeline
+
+    good = make_video(tmp_path / "good.mp4", n=20)
+    bad = _random(tmp_path)
+    out = tmp_path / "out"
+    cfg = configs.load(str(tiny / "c.yaml"))
+    cfg.sinks.video.dir = str(out / "video")
+    _, summary = run_pipeline(cfg, tiny / "bank", out, [SourceConfig(name="good", url=str(good)),
+                                                        SourceConfig(name="bad", url=str(bad))])
     frames = [f for f in records(out / "events.jsonl", "frame") if f["camera"] == "good"]
     assert [f["frame_index"] for f in frames] == list(range(20))
     with av.open(str(out / "video" / "good.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 20
     assert not (out / "video" / "bad.mp4").exists()
-    summary = json.loads(r.stdout)
-    assert summary["cameras"]["good"]["processed"] == 20 and summary["cameras"]["bad"]["state"] == "failed"
+    assert summary.cameras["good"]["processed"] == 20 and summary.cameras["bad"]["state"] == "failed"
+    assert "random.mp4" in summary.cameras["bad"]["error"]

@@ -62,7 +62,8 @@ def test_jsonl_frames_alerts_status_and_snapshots(tmp_path):
     assert [f["frame_index"] for f in frames] == list(range(len(scores)))
     f9 = frames[9]
     assert f9 == {"type": "frame", "v": 1, "camera": "cam", "frame_index": 9, "ts": 500.9, "score": 2.0,
-                  "threshold": 1.0, "is_anomalous": True, "regions": [[20, 10, 50, 40, 0.9, 600]]}
+                  "threshold": 1.0, "is_anomalous": True, "regions": [[20, 10, 50, 40, 0.9, 600]],
+                  "media_ts": None}
 
     alerts = [l for l in lines if l["type"] == "alert"]
     assert [a["event"] for a in alerts][0] == "new" and alerts[-1]["event"] == "end"
