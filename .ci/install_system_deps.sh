@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
   redis-server
   python3-gi
+  python3-venv
   gir1.2-gst-rtsp-server-1.0
   gir1.2-gstreamer-1.0
   gstreamer1.0-plugins-base

@@ -14,7 +14,7 @@ bank fitted on normal footage of the same synthetic scene (same seed, generate_s
              (broken down as knn = SPADE distances, post = upsample + blur, frame_score, to_host,
              regions = find_regions)
   sinks      SinkSet.publish of those results (JSONL + alert tracker + snapshots, as `run` builds them)
-  e2e        stream.cli.run_pipeline (what `run_stream.py run` calls) with a file source and a JSONL sink
+  e2e        app.cli.run_pipeline (what `run_stream.py run` calls) with a file source and a JSONL sink
 
 and, once per camera count, the aggregate e2e fps with N copies of the file as N cameras plus the
 aggregate decode fps of N decode threads. Reported numbers are medians over --repeats.
@@ -232,7 +232,7 @@ def camera_banks(bank: Path, n: int) -> list[Path]:
 def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none",
             own_banks: bool = False) -> dict:
     from configs.schema import SourceConfig
-    from stream.cli import run_pipeline
+    from app.cli import run_pipeline
 
     c = cfg.model_copy(deep=True)
     banks = camera_banks(bank, n_cams) if own_banks else [None] * n_cams

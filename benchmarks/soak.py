@@ -5,7 +5,7 @@ What runs (all real components, nothing mocked):
   * tests/servers.RtspServer serving a generated clip with an anomaly (stream.synthetic.render_clip) in a
     loop, in real time (the GStreamer server re-encodes it to H.264 live);
   * a private redis-server (tests/servers.RedisServer) receiving frame records, alerts and status;
-  * the pipeline as `run_stream.py run` builds it (stream.cli.run_pipeline's pieces) with the Redis sink
+  * the pipeline as `run_stream.py run` builds it (app.cli.run_pipeline's pieces) with the Redis sink
     and the annotated-video sink (segments of --segment-s seconds, so encoders are opened and closed
     all along the run), plus the metrics server;
   * optionally (--rtsp-outage-every S) the RTSP server is killed every S seconds and restarted 3 s
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     from configs.schema import SourceConfig
     from detector.detector import Detector
     from sinks import build_sinks
-    from stream.metrics import MetricsServer
-    from stream.pipeline import Pipeline
+    from app.prometheus import MetricsServer
+    from app.pipeline import Pipeline
 
     duration = args.minutes * 60.0
     window_s = args.window_min * 60.0

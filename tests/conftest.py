@@ -37,3 +37,16 @@ def detector(env):
     from tests.helpers import base_cfg
 
     return Detector.load(base_cfg(), env / "bank")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line when tests skipped because a system service is missing, and how to install them."""
+    reasons = []
+    for rep in terminalreporter.stats.get("skipped", []):
+        if isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+            reasons.append(str(rep.longrepr[2]))
+    n = sum(("redis-server" in r or "RTSP" in r) for r in reasons)
+    if n:
+        terminalreporter.write_line(
+            f"{n} test(s) skipped: redis-server and/or GStreamer's RTSP server not installed "
+            "(`make system-deps` installs them; needs root)")

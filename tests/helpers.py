@@ -13,7 +13,7 @@ import numpy as np
 import configs
 from detector.detector import Detector
 from sinks import build_sinks
-from stream.pipeline import Pipeline
+from app.pipeline import Pipeline
 from detector.fit import fit_bank
 
 W, H = 192, 128

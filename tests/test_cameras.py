@@ -10,7 +10,7 @@ from detector.cameras import CameraDetectors
 from detector.detector import Detector
 from detector.fit import fit_bank
 from stream.avio import VideoInput
-from stream.cli import _apply_cli_overrides, run_pipeline
+from app.cli import _apply_cli_overrides, run_pipeline
 from stream.frame import Frame
 from stream.picture import Picture
 from tests.helpers import base_cfg, records, scene, write

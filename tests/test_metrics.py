@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import SourceConfig
 from sinks import build_sinks
-from stream.metrics import MetricsServer
-from stream.pipeline import Pipeline
+from app.prometheus import MetricsServer
+from app.pipeline import Pipeline
 from tests.helpers import base_cfg, wait_for
 from tests.servers import free_port
 

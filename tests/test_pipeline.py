@@ -13,7 +13,7 @@ import pytest
 from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
-from stream.pipeline import Pipeline
+from app.pipeline import Pipeline
 from tests.helpers import ANOMALY, H, W, base_cfg, records, run, run_until
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 

@@ -19,7 +19,7 @@ import pytest
 import run_stream
 from configs.schema import SourceConfig
 from sinks import build_sinks
-from stream.pipeline import Pipeline
+from app.pipeline import Pipeline
 from tests.helpers import base_cfg, records, wait_for
 from tests.servers import RedisServer, SilentTcpServer, redis_available
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from configs.schema import SourceConfig
-from stream.pipeline import ProgressDisplay
-from stream.stats import PipelineStats
+from app.pipeline import ProgressDisplay
+from app.stats import PipelineStats
 from tests.helpers import ANOMALY, base_cfg, records, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_progress_log_line_names_every_column_and_no_nan(caplog):
     src = SimpleNamespace(name="gate", state=SimpleNamespace(value="reconnecting"), dropped=0, reconnects=5)
     display = ProgressDisplay(SimpleNamespace(sources=[src], stats=stats), enabled=True)
     display.tty = False
-    with caplog.at_level(logging.INFO, logger="stream.pipeline"):
+    with caplog.at_level(logging.INFO, logger="app.pipeline"):
         display._render()
     line = caplog.records[-1].getMessage()
     assert line == ("camera=gate state=reconnecting fps=0.0 lat_p50=- lat_p99=- frames=0 dropped=0 "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,8 +22,8 @@ from configs.errors import UserError
 from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
-from stream.metrics import MetricsServer
-from stream.pipeline import Pipeline
+from app.prometheus import MetricsServer
+from app.pipeline import Pipeline
 from tests.helpers import base_cfg, shared_env, wait_for
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 
@@ -154,13 +155,24 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
                 ok = (pipe.sources[1].finished and pipe.stats.camera("clip").alerts_opened >= 1
                       and pipe.sources[0].reconnects >= 2)
                 return ok and (rtsp is None or pipe.stats.camera("cam").processed >= 10)
-            wait_for(progressed, timeout=180, what="clip done, an alert, retries and RTSP frames")
-            for path in ("/metrics", "/healthz"):
+
+            def get(path):
                 try:
                     with urllib.request.urlopen(metrics.url + path, timeout=10) as r:
-                        scraped.append(r.read().decode())
+                        return r.read().decode()
                 except urllib.error.HTTPError as err:  # 503: the dead camera
-                    scraped.append(err.read().decode())
+                    return err.read().decode()
+
+            def dead_unhealthy():
+                body = get("/healthz")
+                return body if json.loads(body)["cameras"]["dead"]["healthy"] is False else None
+
+            wait_for(progressed, timeout=180, what="clip done, an alert, retries and RTSP frames")
+            # The dead camera turns unhealthy health_timeout_s (1 s) after the start; without the RTSP
+            # camera the condition above can hold sooner: wait for it instead of racing it.
+            health = wait_for(dead_unhealthy, timeout=60, interval=0.1,
+                              what="/healthz to report the dead camera unhealthy")
+            scraped += [get("/metrics"), health]
         finally:
             pipe.stop()
             t.join(timeout=60)
@@ -210,7 +222,8 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
 
 def test_cli_run_stderr_has_no_secret(tmp_path_factory, tmp_path, clean_env):
     """A real `run_stream.py run -v` (DEBUG logging on stderr) with a camera whose credentials come from
-    the secrets file and a password-protected Redis that refuses the wrong one."""
+    the secrets file and a password-protected Redis that refuses the wrong one; ended by SIGTERM once the
+    clip is done and the camera was retried."""
     env = shared_env(tmp_path_factory)
     secrets = write_secrets(tmp_path / "s.env")
     import yaml
@@ -223,18 +236,46 @@ def test_cli_run_stderr_has_no_secret(tmp_path_factory, tmp_path, clean_env):
                         "reconnect_base_s": 0.2, "reconnect_max_s": 0.5},
                        {"name": "clip", "url": str(env / "plain.mp4")}]
     tree["sinks"]["redis"]["password_env"] = "CAM_PW"  # a wrong Redis password: refused, logged
+    tree["sinks"]["jsonl"]["enabled"] = True  # the test sees the clip's frames while the run goes on
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     srv = RedisServer(password=REDIS_PW).start() if redis_available() else None
+    stdout_path, stderr_path, events = tmp_path / "stdout", tmp_path / "stderr", tmp_path / "out" / "events.jsonl"
     try:
         args = [sys.executable, str(ROOT / "run_stream.py"), "run", "-v", "--config", str(tmp_path / "c.yaml"),
                 "--bank", str(env / "bank"), "--out", str(tmp_path / "out"), "--secrets-file", str(secrets),
-                "--duration", "20", "--no-progress"]
+                "--duration", "180", "--no-progress"]
         if srv is not None:
             args += ["--redis", srv.url_with_auth(password=REDIS_PW)]
-        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, text=True)
+        try:
+            def clip_done_and_dead_retried():
+                if proc.poll() is not None:
+                    return True
+                frames = 0
+                if events.is_file():
+                    for line in events.read_text().splitlines():
+                        try:
+                            r = json.loads(line)
+                        except ValueError:  # a line being written
+                            continue
+                        frames += r.get("type") == "frame" and r.get("camera") == "clip"
+                retried = any("dead: " in ln and "retrying in" in ln for ln in stderr_path.read_text().splitlines())
+                return frames >= 30 and retried
+
+            # the dead camera keeps the run going: wait for what is asserted below, then SIGTERM
+            wait_for(clip_done_and_dead_retried, timeout=200, interval=0.2,
+                     what="the clip's 30 frames and a retry of the dead camera")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     finally:
         if srv is not None:
             srv.close()
+    r = subprocess.CompletedProcess(args, proc.returncode, stdout_path.read_text(), stderr_path.read_text())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dead" in r.stderr and "secrets file" in r.stderr  # it did log about the camera and the file
     assert not leaks(r.stderr + r.stdout), [ln for ln in r.stderr.splitlines() if leaks(ln)][:5]

@@ -1,15 +1,31 @@
-"""The live pipeline's CLI commands (`run`, `demo`), registered by run_stream.py."""
+"""Every command of the spade-stream command line: fit a memory bank, evaluate offline, verify a bank,
+run the live pipeline, the demo and the synthetic data set. `run_stream.py` (and the `spade-stream`
+script) call `main`.
+
+Bad input (a missing file, a bad config field, an unreadable video) ends with one `error:` line on stderr
+per problem naming the file, field or variable, and exit code 2. `run` exits 3 when no camera delivered a
+frame.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from configs.errors import UserError
 
+os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:timm")
+
 log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2  # bad input: a file, config field, variable or argument
+EXIT_NO_FRAMES = 3  # `run` ended without any camera delivering a frame (all unreachable, say)
+
+DESCRIPTION = "spade-stream command line: fit a memory bank, evaluate offline, run the live pipeline, demo."
 
 
 def _parse_source(spec: str):
@@ -27,7 +43,7 @@ def _parse_source(spec: str):
         raise UserError(format_validation_error(err, f"--source {name}")) from None
 
 
-def add_live_commands(sub, common) -> None:
+def _add_live_commands(sub, common) -> None:
     p = sub.add_parser("run", help="run the live pipeline on cameras and files")
     common(p)
     p.add_argument("--bank", default=None,
@@ -108,7 +124,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     or `bank`."""
     from detector.cameras import CameraDetectors
     from sinks import build_sinks
-    from stream.pipeline import Pipeline
+    from app.pipeline import Pipeline
     from stream.sources import check_recorded
 
     if not cfg.sources:
@@ -131,7 +147,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     try:
         pipe = Pipeline(cfg, det, sinks)
         if cfg.pipeline.metrics_port is not None:
-            from stream.metrics import MetricsServer
+            from app.prometheus import MetricsServer
 
             metrics = MetricsServer(pipe, cfg.pipeline.metrics_port, host=cfg.pipeline.metrics_host)
             metrics.start()
@@ -151,9 +167,6 @@ def _summary_json(summary) -> dict:
             "fps": round(summary.fps, 2), "cameras": summary.cameras,
             "stage_ms_per_frame": {k: round(v, 2) for k, v in summary.stage_ms.items()},
             "sink_errors": summary.sink_errors}
-
-
-EXIT_NO_FRAMES = 3  # the run ended without any camera delivering a frame (all unreachable, say)
 
 
 def cmd_run(args) -> int:
@@ -304,4 +317,110 @@ def cmd_synth(args) -> int:
     return 0
 
 
-LIVE_HANDLERS = {"run": cmd_run, "demo": cmd_demo, "synth": cmd_synth}
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config path or built-in name (default, stc_paper)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="run_stream.py", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="build a memory bank from normal footage")
+    _common(p)
+    p.add_argument("--data", required=True, help="STC root, folder of videos, or folder of images")
+    p.add_argument("--bank", required=True, help="output bank directory")
+
+    p = sub.add_parser("eval", help="evaluate on an STC-layout test set")
+    _common(p)
+    p.add_argument("--data", required=True, help="STC root with testing/frames and testing/test_*_mask")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--out", required=True, help="output directory for metrics.json and plots")
+    p.add_argument("--every", type=int, default=1, help="evaluate every N-th test frame (paper: 5)")
+    p.add_argument("--smooth", choices=["none", "causal", "centred"], default="none",
+                   help="temporal smoothing of frame scores (causal is what live alerts see)")
+    p.add_argument("--window", type=int, default=9, help="smoothing window in frames")
+
+    p = sub.add_parser("verify-bank", help="check a bank's arrays against the checksums in its metadata")
+    p.add_argument("--bank", required=True)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    _add_live_commands(sub, _common)
+    return ap
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="timm")
+
+
+def cmd_fit(args) -> int:
+    import configs
+    from configs import jsonsafe
+    from detector.fit import fit_bank
+
+    cfg = configs.load(args.config)
+    meta = fit_bank(cfg, args.data, args.bank, progress=not args.quiet)
+
+    def summary(m: dict) -> dict:
+        cal = m.get("calibration") or {}
+        return {"n_frames": m["n_frames"], "backbone": m["backbone"], "holdout": cal.get("n_holdout", 0),
+                "pixel_threshold": cal.get("pixel_threshold"), "count_warnings": m.get("count_warnings", [])}
+
+    if "scenes" in meta:
+        out = {"bank": str(args.bank), "scenes": {s: summary(m) for s, m in meta["scenes"].items()}}
+    else:
+        out = {"bank": str(args.bank)} | summary(meta)
+    print(jsonsafe.dumps(out, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import configs
+    from configs import jsonsafe
+    from configs.errors import UserError
+    from evaluation.run import evaluate
+
+    if args.every < 1:
+        raise UserError(f"--every: expected a positive integer, got {args.every}")
+    cfg = configs.load(args.config)
+    m = evaluate(cfg, args.data, args.bank, args.out, every=args.every, smoothing=args.smooth,
+                 window=args.window if args.smooth != "none" else 1, progress=not args.quiet)
+    keys = ("frame_auroc_micro", "frame_auroc_macro", "pixel_auroc", "n_frames", "frame_score")
+    print(jsonsafe.dumps({k: m[k] for k in keys} | {"metrics": str(Path(args.out) / "metrics.json")}, indent=1))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from detector.bank import open_bank
+    from detector.scenes import read_index
+
+    scenes = read_index(args.bank)
+    for directory in scenes.values() if scenes is not None else [Path(args.bank)]:
+        bank = open_bank(directory)
+        bank.verify()
+        print(f"{directory}: OK ({bank.n_frames} frames)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from configs.errors import UserError
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    handlers = {"fit": cmd_fit, "eval": cmd_eval, "verify-bank": cmd_verify, "run": cmd_run, "demo": cmd_demo,
+                "synth": cmd_synth}
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -21,7 +21,7 @@ from configs.schema import AppConfig
 from sinks import SinkSet
 from stream.batcher import Arrival, Batcher
 from stream.sources import Source, SourceState, StatusEvent
-from stream.stats import PipelineStats
+from app.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Pipeline:
         self._reason = "finished"
         self.detector_errors = 0
         # Called on the sink thread for every published frame: fn(camera, latency_s, events).
-        # stream.metrics uses it for the latency histogram; an observer that raises is logged and skipped.
+        # app.prometheus uses it for the latency histogram; an observer that raises is logged and skipped.
         self.observers: list[Callable] = []
 
     def add_observer(self, fn: Callable) -> None:
