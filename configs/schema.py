@@ -91,6 +91,9 @@ class CoresetConfig(Section):
     seed: int = Field(0, ge=0, description="seeds the subsample, the projection and the first centre")
 
 
+DEFAULT_COMBINE: tuple[Component, ...] = ("map_max", "topq")
+
+
 class DetectorConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     input_size: int = Field(256, ge=32, le=1024, description="frames are resized to input_size^2")
@@ -109,7 +112,7 @@ class DetectorConfig(Section):
     frame_score: FrameScore = "moving_max"
     topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
     # 'combined': the mean of these components, each as a z-score against held-out normal frames.
-    combine: list[Component] = Field(default_factory=lambda: ["map_max", "topq"], min_length=1)
+    combine: list[Component] = Field(default_factory=lambda: list(DEFAULT_COMBINE), min_length=1)
     # Position awareness: None = SPADE's global correspondence (any cell of the gallery frames);
     # r = a query cell only matches gallery cells within r cells of its own position (fixed cameras).
     spatial_window: Optional[int] = Field(None, ge=0, le=64)

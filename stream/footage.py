@@ -33,7 +33,8 @@ def natural_key(p: Path):
 
 def list_images(folder: Path) -> list[Path]:
     """Image files of a folder in natural order; other files are skipped with a warning naming them."""
-    images, skipped = [], []
+    images: list[Path] = []
+    skipped: list[Path] = []
     for p in sorted(folder.iterdir(), key=natural_key):
         if p.is_file():
             (images if p.suffix.lower() in IMAGE_EXTS else skipped).append(p)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import numpy as np
 
@@ -39,9 +39,14 @@ class Frame:
     @property
     def image(self) -> np.ndarray:
         """uint8 RGB [H, W, 3], C-contiguous (converted on first use)."""
-        return self.picture.rgb()
+        return self._picture.rgb()
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the full frame, which region boxes refer to."""
-        return self.picture.size
+        return self._picture.size
+
+    @property
+    def _picture(self) -> Picture:
+        """`picture` after __post_init__ (an RGB array given to the constructor is wrapped there)."""
+        return cast(Picture, self.picture)

@@ -49,7 +49,8 @@ class Picture:
         if isinstance(source, np.ndarray):
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {source.dtype} {source.shape}")
-            self._frame, self._rgb = None, source
+            self._frame: Optional[av.VideoFrame] = None
+            self._rgb: Optional[np.ndarray] = source
             self.height, self.width = source.shape[:2]
         else:
             self._frame, self._rgb = source, None
@@ -64,6 +65,7 @@ class Picture:
     def rgb(self) -> np.ndarray:
         """uint8 RGB [H, W, 3], C-contiguous; converted once, on first use."""
         if self._rgb is None:
+            assert self._frame is not None  # one of the two is always set
             # to_ndarray returns a strided view when FFmpeg pads lines; downstream wants contiguous.
             self._rgb = np.ascontiguousarray(self._frame.to_ndarray(format="rgb24"))
         return self._rgb
@@ -71,7 +73,7 @@ class Picture:
     def scaled(self, size: int) -> np.ndarray:
         """uint8 RGB [size, size, 3]: the model input."""
         if self._frame is None:
-            return resize_rgb(self._rgb, size)
+            return resize_rgb(self.rgb(), size)
         shrink = self.width >= size and self.height >= size
         ref = self._reformatter or VideoReformatter()
         out = ref.reformat(self._frame, size, size, "rgb24", interpolation="AREA" if shrink else "BILINEAR")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Union, cast
 
 import numpy as np
 
@@ -118,7 +118,7 @@ class VideoWriter:
         opts.update(options or {})
         self._container = av.open(self.path, mode="w")
         try:
-            stream = self._container.add_stream(self.codec, rate=self.fps, options=opts)
+            stream = cast(av.VideoStream, self._container.add_stream(self.codec, rate=self.fps, options=opts))
             stream.width = self.width + self._pad_x
             stream.height = self.height + self._pad_y
             stream.pix_fmt = self.pix_fmt
