@@ -26,9 +26,10 @@ class BackboneConfig(Section):
     # torchvision's weights cache for the others); a path: a local state-dict file;
     # "random": untrained weights, for tests only.
     weights: Optional[str] = None
-    # CPU: run the trunk traced and frozen (BatchNorm folded into the convolutions): in fp32 1.7x faster on
-    # an AVX2 CPU with features equal to ~3e-6; in bf16 1.2-1.6x faster, a different rounding, so bf16 banks
-    # record it. false runs it module by module (eager PyTorch), as on CUDA.
+    # CPU: run the trunk traced and frozen (BatchNorm folded into the convolutions): faster, with fp32 features
+    # equal to eager ones up to float rounding; in bf16 a different rounding, so bf16 banks record it
+    # (figures: docs/results.md, "Precision and the frozen trunk"). false runs it module by module (eager
+    # PyTorch), as on CUDA.
     freeze: bool = True
 
 
@@ -74,17 +75,17 @@ class CoresetConfig(Section):
     fraction: float = Field(0.01, gt=0.0, le=1.0, description="coreset size as a fraction of all bank patch "
                             "features (bank frames x grid^2)")
     # Scoring compares every cell with every coreset feature, so its cost grows with the size, not with the
-    # fraction; fit time grows with size x candidates (benchmarks/RESULTS.md, section 4).
-    # 2,048: on both test sets as accurate as the uncapped 1 % (3,595 / 4,424 features) and twice SPADE's 1,024
-    # candidates per cell, so a CPU without native bf16 still keeps up (benchmarks/RESULTS.md, section 4d).
+    # fraction; fit time grows with size x candidates (docs/history.md, section 4).
+    # 2,048: on both test sets as accurate as the uncapped 1 % and twice SPADE's 1,024 candidates per cell, so a
+    # CPU without native bf16 still keeps up (docs/history.md, section 4d).
     max_size: Optional[int] = Field(2048, ge=1, description="upper bound on the coreset size (None: none); "
                                     "one frame's cells (grid^2) stay a floor above it")
     projection_dim: Optional[int] = Field(128, ge=1, le=4096, description="selection runs on a random Gaussian "
                                           "projection to this many dimensions (None, or >= the channels: on "
                                           "the features themselves)")
-    # Selection time grows with candidates x coreset size: 262,144 candidates keep a 1,000-frame fit above 40
-    # frames/s on 2 CPU cores; neighbouring frames of a fixed camera are near-duplicates, so a uniform subsample
-    # of a large bank loses little (section 4d: 131,072 already cost Avenue ~0.015 AUROC, 262,144 nothing).
+    # Selection time grows with candidates x coreset size; neighbouring frames of a fixed camera are
+    # near-duplicates, so a uniform subsample of a large bank loses little (this size lost nothing measurable,
+    # half of it did: docs/history.md, section 4d).
     max_features: Optional[int] = Field(262_144, ge=1, description="selection candidates: a uniform random "
                                         "subsample of at most this many bank patch features (None: all); "
                                         "they are held in RAM as float32 x projection_dim")
@@ -103,12 +104,12 @@ class DetectorConfig(Section):
     kappa: int = Field(1, ge=1, description="nearest gallery features averaged per pixel")
     # The features a cell is compared with. knn: SPADE's, all cells of the k_gallery nearest bank frames;
     # coreset: a coreset of the cells of every bank frame, chosen at fit (needs a bank fitted with it).
-    # coreset is the default: more accurate than knn on both test sets (RESULTS.md, section 4d).
+    # coreset is the default: more accurate than knn on both test sets (docs/history.md, section 4d).
     gallery: Literal["knn", "coreset"] = "coreset"
     coreset: CoresetConfig = Field(default_factory=CoresetConfig)
     sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels")
     # SPADE's image-kNN score ranks real surveillance frames poorly; the map maximum better, weighted by
-    # where things move better still (moving_max; benchmarks/RESULTS.md, section 4)
+    # where things move better still (moving_max; docs/history.md, section 4)
     frame_score: FrameScore = "moving_max"
     topq: float = Field(0.005, gt=0.0, le=1.0, description="fraction of the map averaged by 'topq'")
     # 'combined': the mean of these components, each as a z-score against held-out normal frames.
@@ -124,7 +125,7 @@ class DetectorConfig(Section):
     smooth_window: int = Field(5, ge=1, le=1000)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     # Backbone arithmetic. 'auto': bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where
-    # it is ~1.7x faster; fp32 elsewhere. Features differ by a few percent between the two, so a bank
+    # it is faster (docs/results.md); fp32 elsewhere. Features differ by a few percent between the two, so a bank
     # records the precision it was fitted with and refuses the other.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Arithmetic that ranks a cell's candidate features (the [cells x candidates] product, SPADE's largest
@@ -223,8 +224,8 @@ class SourceConfig(Section):
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     hwaccel: Literal["none", "cuda"] = Field(
         "none", description="'cuda': decode on the GPU (NVDEC through PyAV's FFmpeg), falling back to the CPU "
-        "with a warning. Off by default: on an H200 host it decoded one 856x480 stream at 204 fps against "
-        "512 in software, 707 fps at most over 16 streams (benchmarks/RESULTS.md)")
+        "with a warning. Off by default: on the H200 host measured it decoded slower than software "
+        "(docs/results.md, GPU)")
     queue_size: int = Field(8, ge=1)
     reconnect_base_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
@@ -285,10 +286,24 @@ class JsonlSinkConfig(Section):
     enabled: Optional[bool] = None
 
 
+class PreviewConfig(Section):
+    """Live preview for the operator console: one small annotated JPEG per camera, at most `fps` a
+    second, SET to the Redis key `<prefix>:<camera>:preview` with a TTL (sinks/preview.py)."""
+
+    # None: on when sinks.redis.url is set
+    enabled: Optional[bool] = None
+    fps: float = Field(2.0, gt=0.0, le=30.0, description="previews per second and camera, at most")
+    max_kb: float = Field(30.0, ge=2.0, le=1024.0, description="largest JPEG; smaller and lower quality "
+                          "until it fits")
+    ttl_s: int = Field(10, ge=1, le=3600, description="the key expires this long after the last preview")
+    max_width: int = Field(480, ge=64, le=1920, description="previews are downscaled to at most this width")
+
+
 class SinksConfig(Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     video: VideoSinkConfig = Field(default_factory=VideoSinkConfig)
     jsonl: JsonlSinkConfig = Field(default_factory=JsonlSinkConfig)
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
 
 class PipelineConfig(Section):

@@ -2,10 +2,10 @@
 
 Decoded frames are ~1.2 MB numpy buffers allocated on one thread and freed on another. glibc raises
 its mmap threshold after such frees, so later frames come from the arenas instead, and the arenas
-fragment: a 6,000-frame fit grew from 1.1 to 2.3 GB while holding no more data (benchmarks/RESULTS.md,
-section 3). Handing the free pages back now and then keeps RSS at what is in use, at no measured cost.
-(Fit has since shrunk frames on its decode thread, stream/picture.py, so fewer and smaller buffers cross
-threads; the trim stays. The 20,000-frame peak measured after that change: 1.4 GB, RESULTS.md section 3.)
+fragment: a long fit's RSS doubled while holding no more data (docs/history.md, section 3). Handing the
+free pages back now and then keeps RSS at what is in use, at no measured cost. (Fit has since shrunk
+frames on its decode thread, stream/picture.py, so fewer and smaller buffers cross threads; the trim
+stays. Current fit memory: docs/results.md, "Fit speed and memory".)
 """
 from __future__ import annotations
 

@@ -2,14 +2,14 @@
 
 The detector needs a small square RGB image (e.g. 256x256); only drawing sinks (annotated video,
 snapshots) need the full-size RGB frame. Converting every 856x480 YUV frame to full-size RGB and then
-shrinking it cost ~4 CPU-ms per frame on a 2-core box, more than decoding; swscale scales and converts
-in one pass straight from the decoder's planes in ~0.6 ms (RESULTS.md section 2d). So a video frame
-stays the decoder's `av.VideoFrame` until a consumer asks for `.scaled(size)` or `.rgb()`.
+shrinking it cost more CPU than decoding; swscale scales and converts in one pass straight from the
+decoder's planes at a fraction of that (docs/results.md, "One camera, end to end and by stage"). So a video frame stays the
+decoder's `av.VideoFrame` until a consumer asks for `.scaled(size)` or `.rgb()`.
 
 Both paths shrink by area averaging. From YUV, swscale's AREA filter scales the chroma planes at their
 own resolution; from an RGB array (image files, tests) OpenCV's INTER_AREA, which swscale's AREA filter
-on RGB input matches to ~0.01 grey levels on average (measured). The two differ by ~1 level on average
-and more on sharp colour edges, as two decoders' chroma upsampling would.
+on RGB input matches to a fraction of a grey level (tests/test_picture.py). The two paths differ by about
+one level on average and more on sharp colour edges, as two decoders' chroma upsampling would.
 """
 from __future__ import annotations
 
