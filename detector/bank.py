@@ -4,7 +4,6 @@ Layout of a bank directory:
   meta.json     format version, backbone, weights digest, input size, grid, shapes, frame sources,
                 array checksums, calibration
   global.npy    float32 [N, D]   global features (small; loaded into memory)
-  global.faiss  exact L2 index over global.npy (used for CPU search when faiss is installed)
   pixel.f16     float16 [N, grid*grid, C], raw row-major: memory-mapped, only the K neighbours of a
                 frame are ever read, so the bank may be far larger than RAM.
   motion.npy    float32 [grid*grid, M, 3] per-cell coreset of normal flow features (only when the bank
@@ -14,6 +13,10 @@ Layout of a bank directory:
   coreset_index.npy  int32 [M, 2] (bank frame, cell) each coreset feature was taken from. Format version 3;
                 meta.json's `coreset` holds the detector.coreset settings it was built with.
 
+Banks fitted before faiss was dropped also hold `global.faiss`, an exact L2 index over global.npy that
+nothing ever read (torch's search was faster: benchmarks/knn_faiss.py): it is not checksummed, loading
+ignores it and the next fit into the directory removes it.
+
 meta.json's calibration holds, since version 2, the frame-score components of every held-out frame
 (`holdout_components`, in time order, with `holdout_items`), so any frame score, combination or
 smoothing can be calibrated against them when the detector loads.
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,6 @@ READABLE_VERSIONS = (1, 2, 3)  # 1: no motion model, no held-out component seque
 META = "meta.json"
 GLOBAL = "global.npy"
 PIXEL = "pixel.f16"
-FAISS = "global.faiss"
 # Values implied for metadata keys that banks written before the key existed do not carry.
 LEGACY_DEFAULTS = {"precision": "fp32", "resize": "area-from-rgb", "bf16_trunk": "eager"}
 # Config fields behind signature keys whose mismatch message names the field rather than the key.
@@ -48,12 +49,14 @@ CONFIG_FIELDS = {"coreset": "detector.coreset"}
 MOTION = "motion.npy"
 CORESET = "coreset.f16"
 CORESET_INDEX = "coreset_index.npy"
+# Written by older versions and no longer read; removed with the rest of an old bank.
+LEGACY_FILES = ("global.faiss",)
 
 
 def clear_bank(directory: Path) -> None:
     """Remove an old bank's files from `directory` (a single bank's, or a per-scene bank's index), so no
     stale half of it is ever read beside a new one."""
-    for name in (META, GLOBAL, PIXEL, FAISS, MOTION, CORESET, CORESET_INDEX, SCENE_INDEX):
+    for name in (META, GLOBAL, PIXEL, MOTION, CORESET, CORESET_INDEX, SCENE_INDEX, *LEGACY_FILES):
         (Path(directory) / name).unlink(missing_ok=True)
 
 
@@ -99,7 +102,6 @@ class BankWriter:
         os.replace(self.dir / (PIXEL + ".part"), self.dir / PIXEL)
         glob = np.concatenate(self._global, axis=0)
         np.save(self.dir / GLOBAL, glob)
-        _write_faiss(self.dir / FAISS, glob)
         checksums = {GLOBAL: _sha256_file(self.dir / GLOBAL), PIXEL: self._pixel_hash.hexdigest()}
         if motion_model is not None:
             np.save(self.dir / MOTION, np.ascontiguousarray(motion_model, dtype=np.float32))
@@ -146,20 +148,6 @@ def write_meta(directory: Path, meta: dict) -> None:
     tmp = Path(directory) / (META + ".part")
     tmp.write_text(jsonsafe.dumps(meta, indent=1))
     os.replace(tmp, Path(directory) / META)
-
-
-def _write_faiss(path: Path, glob: np.ndarray) -> None:
-    # faiss's loader logs at INFO every optimised build it tries and cannot load ("Could not load library
-    # with AVX512 support due to: ModuleNotFoundError(...)"): expected and harmless, yet it reads as an error.
-    for name in ("faiss", "faiss.loader"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import faiss
-    except ImportError:
-        return
-    index = faiss.IndexFlatL2(glob.shape[1])
-    index.add(np.ascontiguousarray(glob, dtype=np.float32))
-    faiss.write_index(index, str(path))
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -18,10 +18,6 @@ class Region:
     mean: float
     area: int  # frame pixels above the threshold
 
-    def as_list(self) -> list:
-        """Compact wire form used by the sinks: [x1, y1, x2, y2, peak, area]."""
-        return [self.x1, self.y1, self.x2, self.y2, round(self.peak, 4), self.area]
-
 
 @dataclass
 class FrameResult:
@@ -71,15 +67,3 @@ class FrameResult:
             return self.anomaly_map
         return cv2.resize(self.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
 
-    def to_record(self) -> dict:
-        """JSON-safe record (no map) shared by the JSONL and Redis sinks."""
-        return {
-            "camera": self.camera_id,
-            "frame_index": int(self.frame_index),
-            "ts": self.epoch_ts,
-            "media_ts": self.media_ts,
-            "score": float(self.score),
-            "threshold": float(self.threshold),
-            "is_anomalous": self.is_anomalous,
-            "regions": [r.as_list() for r in self.regions],
-        }

@@ -1,4 +1,4 @@
-"""Alert lifecycle per camera (hysteresis + minimum durations) and the wire form of every message.
+"""Alert lifecycle per camera (hysteresis + minimum durations). The messages are sinks/schema.py's.
 
 State machine per camera, driven only by each frame's stream clock (`FrameResult.timestamp`: capture
 time for live cameras, media time for recorded files; never the wall clock, so offline files and replays
@@ -13,11 +13,10 @@ While OPEN, "update" is emitted when the peak score rose materially or the regio
 per `update_interval_s`. A change that arrives inside the quiet interval is not lost: the next frame after
 the interval compares against what was last *emitted*, so it goes out then if it still holds.
 
-Times on the wire are seconds since the epoch (`start_ts`, `end_ts`: the capture, or for a recorded file
-the decode, time of the frames where the alert started and ended); alerts of a recorded file also carry
-`start_media_ts` / `end_media_ts`, seconds into the file (null for live cameras). Every message's
-`regions` are those of the frame it names by `frame_index` (an "end" after recovery usually has none);
-`peak_regions` are those of the alert's highest-scoring frame so far, which its snapshot shows.
+An event's start / end times (epoch and, for a recorded file, media) are those of the frame where the
+alert started and of the one where its score first dropped below exit (on shutdown or end of input: the
+camera's last frame); its `regions` are those of the frame it names by `frame_index`, `peak_regions` those
+of the peak frame. How events go on the wire: sinks/schema.py.
 """
 from __future__ import annotations
 
@@ -30,8 +29,6 @@ from configs.schema import AlertsConfig
 from detector.result import FrameResult, Region
 from sinks.base import AlertEvent
 from stream.frame import Frame
-
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -265,47 +262,3 @@ class AlertTracker:
             peak_regions=list(op.peak.result.regions),
             start_media_ts=op.start.media,
         )
-
-
-# -- wire forms (shared by the JSONL and Redis sinks) ---------------------------------------------------
-def _finite(x) -> Optional[float]:
-    """JSON has no NaN/Infinity; a non-finite number goes out as null."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _json_regions(regions: list[Region]) -> list[list]:
-    return [[r.x1, r.y1, r.x2, r.y2, _finite(round(r.peak, 4)), r.area] for r in regions]
-
-
-def alert_message(ev: AlertEvent) -> dict:
-    return {
-        "v": SCHEMA_VERSION,
-        "type": ev.type,
-        "alert_id": ev.alert_id,
-        "camera": ev.camera,
-        "start_ts": _finite(ev.start_ts),
-        "end_ts": None if ev.end_ts is None else _finite(ev.end_ts),
-        "start_media_ts": None if ev.start_media_ts is None else _finite(ev.start_media_ts),
-        "end_media_ts": None if ev.end_media_ts is None else _finite(ev.end_media_ts),
-        "peak_score": _finite(ev.peak_score),
-        "regions": _json_regions(ev.regions),
-        "peak_regions": _json_regions(ev.peak_regions),
-        "snapshot": ev.snapshot,
-        "reason": ev.reason,
-        "frame_index": int(ev.frame_index),
-    }
-
-
-def frame_message(result: FrameResult) -> dict:
-    rec = result.to_record()
-    rec["ts"] = _finite(rec["ts"])
-    rec["media_ts"] = None if rec["media_ts"] is None else _finite(rec["media_ts"])
-    rec["score"] = _finite(rec["score"])
-    rec["threshold"] = _finite(rec["threshold"])
-    rec["regions"] = _json_regions(result.regions)
-    return {"v": SCHEMA_VERSION, **rec}
-
-
-def status_message(camera: str, state: str, ts: float, detail: str = "") -> dict:
-    return {"v": SCHEMA_VERSION, "camera": camera, "state": state, "ts": _finite(ts), "detail": detail}

@@ -10,7 +10,7 @@ from stream.frame import Frame
 
 @dataclass
 class AlertEvent:
-    """One step of an alert's lifecycle. Messages on the wire are `to_message()`."""
+    """One step of an alert's lifecycle. On the wire: `sinks.schema.alert_message`."""
 
     type: str  # "new" | "update" | "end"
     alert_id: str

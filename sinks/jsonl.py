@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from detector.result import FrameResult
-from sinks.alerts import alert_message, frame_message, status_message
 from sinks.base import AlertEvent
+from sinks.schema import alert_message, frame_message, status_message
 from stream.frame import Frame
 
 

@@ -40,8 +40,9 @@ from redis.retry import Retry
 from configs.errors import UserError
 from configs.schema import RedisConfig
 from detector.result import FrameResult
-from sinks.alerts import alert_message, frame_message, status_message
 from sinks.base import AlertEvent
+from sinks.schema import alert_message, frame_fields, frame_message, status_message
+from stream.avio import redact
 from stream.frame import Frame
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,18 @@ return id
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***' (user names are kept: they help debugging)."""
+def _spool_key(url: str) -> str:
+    """What names a URL's default spool directory: the URL without its password, so a rotated password
+    keeps its spool; the same string earlier versions derived, so alerts spooled before an upgrade are
+    still found. An identity key, not a display form: what is shown goes through `redact`."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable redis url>"
     if parts.password is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class AlertSpool:
@@ -224,7 +226,7 @@ class RedisSink:
             raise ValueError("RedisConfig.url is required")
         self.cfg = cfg
         self.prefix = cfg.prefix
-        self.url_display = redact_url(cfg.url)
+        self.url_display = redact(cfg.url)
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.close_timeout_s = close_timeout_s
 
@@ -278,7 +280,7 @@ class RedisSink:
                 client_name="spade-stream",
             )
         except ValueError as err:
-            raise UserError(f"sinks.redis.url: {redact_url(cfg.url)}: {err}") from None
+            raise UserError(f"sinks.redis.url: {redact(cfg.url)}: {redact(str(err))}") from None
         if cfg.password_env:
             password = os.environ.get(cfg.password_env)
             if password is None:
@@ -295,7 +297,7 @@ class RedisSink:
 
     @staticmethod
     def _default_spool_dir(cfg: RedisConfig) -> Path:
-        tag = hashlib.sha1(redact_url(cfg.url).encode()).hexdigest()[:8]
+        tag = hashlib.sha1(_spool_key(cfg.url).encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"spade-spool-{cfg.prefix}-{tag}"
 
     # -- Sink protocol (caller's thread: never blocks on Redis) ----------------------------------------
@@ -495,7 +497,7 @@ class RedisSink:
         try:
             pipe = self.client.pipeline(transaction=False)
             for rec in batch:
-                pipe.xadd(f"{self.prefix}:{rec['camera']}:frames", self._frame_fields(rec),
+                pipe.xadd(f"{self.prefix}:{rec['camera']}:frames", frame_fields(rec),
                           maxlen=self.cfg.frames_maxlen, approximate=True)
             pipe.execute()
         except Exception as err:
@@ -509,25 +511,6 @@ class RedisSink:
             with self._lock:
                 self._in_flight -= 1
         return True
-
-    @staticmethod
-    def _frame_fields(rec: dict) -> dict:
-        def num(x):
-            return "nan" if x is None else repr(float(x))
-
-        fields = {
-            "v": str(rec["v"]),
-            "camera": rec["camera"],
-            "frame_index": str(rec["frame_index"]),
-            "ts": num(rec["ts"]),
-            "score": num(rec["score"]),
-            "threshold": num(rec["threshold"]),
-            "is_anomalous": "1" if rec["is_anomalous"] else "0",
-            "regions": json.dumps(rec["regions"], separators=(",", ":")),
-        }
-        if rec.get("media_ts") is not None:  # recorded files only
-            fields["media_ts"] = num(rec["media_ts"])
-        return fields
 
     def _deliver_spool(self) -> bool:
         entries = self.spool.peek(64)

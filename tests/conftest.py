@@ -1,4 +1,3 @@
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ AVENUE = ROOT.parent / "shared" / "data" / "avenue_stc"
 
 # Two cores are shared by the decode threads and torch: keep torch from oversubscribing them in tests.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ import pytest
 
 from configs.schema import AlertsConfig
 from detector.result import FrameResult, Region
-from sinks.alerts import AlertTracker, alert_message, regions_changed, thresholds
+from sinks.alerts import AlertTracker, regions_changed, thresholds
+from sinks.schema import alert_message
 from stream.frame import Frame
 
 DT = 0.125  # exact in binary: durations compare without rounding surprises

@@ -61,10 +61,29 @@ def test_fit_round_trip(tmp_path, videos):
     det = Detector.load(cfg, tmp_path / "bank")
     with av.open(str(videos / "a.mp4")) as c:
         # shrunk as fit shrank it: straight from the decoder's planes
-        res = det.score_frames([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))])[0]
+        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[0]
     assert res.components["image_knn"] < 1e-3 * cal["frame"]["image_knn"]["mean"]
     assert float(res.anomaly_map.max()) < 0.05 * cal["pixel_threshold"] + 1e-3
 
+
+
+def test_bank_of_an_older_version_with_its_faiss_index(tmp_path, videos):
+    """Banks fitted when faiss was a dependency also hold global.faiss: no fit writes it any more, an old
+    bank with it still opens, verifies and scores, and fitting again into its directory removes it."""
+    cfg = small_cfg()
+    fit_bank(cfg, videos, tmp_path / "bank", progress=False)
+    legacy = tmp_path / "bank" / "global.faiss"
+    assert not legacy.exists()
+    legacy.write_bytes(b"IxF2 an exact L2 index nobody reads")
+    bank = open_bank(tmp_path / "bank")
+    bank.verify()
+    assert "global.faiss" not in bank.meta["checksums"]
+    det = Detector.load(cfg, tmp_path / "bank")
+    with av.open(str(videos / "a.mp4")) as c:
+        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[0]
+    assert np.isfinite(res.score)
+    fit_bank(cfg, videos, tmp_path / "bank", progress=False)
+    assert not legacy.exists()
 
 def test_fit_with_every_and_max_frames(tmp_path, videos):
     cfg = small_cfg()

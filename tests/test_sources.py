@@ -399,7 +399,7 @@ def test_image_folder_without_images_fails(tmp_path):
 # URLs
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url,expected", [
+REDACT_CASES = [
     ("rtsp://admin:secret@10.0.0.5:554/stream1", "rtsp://***@10.0.0.5:554/stream1"),
     ("rtsps://admin:secret@cam.local/live", "rtsps://***@cam.local/live"),
     ("rtsp://:secret@10.0.0.5/x", "rtsp://***@10.0.0.5/x"),
@@ -414,9 +414,31 @@ def test_image_folder_without_images_fails(tmp_path):
     ("videos/cam.mp4", "videos/cam.mp4"),
     ("0", "0"),
     ("failed: 'rtsp://a:b@h1/x' then http://c:d@h2/y", "failed: 'rtsp://***@h1/x' then http://***@h2/y"),
-])
+    # Redis URLs (sinks.redis.url) go through the same redactor
+    ("rediss://spade:acl-pw@h:6380/0", "rediss://***@h:6380/0"),
+    ("redis://:s3cr3t-p@ss@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis://127.0.0.1:6379/0?password=pw&db=1", "redis://127.0.0.1:6379/0?password=***&db=1"),
+    ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+]
+
+
+@pytest.mark.parametrize("url,expected", REDACT_CASES)
 def test_redact(url, expected):
     assert redact(url) == expected
+
+
+def test_the_example_subscribers_copy_of_redact_agrees():
+    """examples/subscriber.py runs without the package, so it carries a copy of the rules: the same ones."""
+    import importlib.util
+
+    pytest.importorskip("redis")
+    path = Path(__file__).resolve().parents[1] / "examples" / "subscriber.py"
+    spec = importlib.util.spec_from_file_location("subscriber_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for url, expected in REDACT_CASES:
+        assert mod.redact(url) == expected, url
 
 
 @pytest.mark.parametrize("url,kind", [

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from sinks.alerts import alert_message
 from sinks.base import AlertEvent
+from sinks.schema import alert_message
 from tests.servers import RedisServer, redis_available
 
 ROOT = Path(__file__).resolve().parents[1]
