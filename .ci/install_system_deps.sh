@@ -14,6 +14,7 @@ PACKAGES=(
   gstreamer1.0-plugins-ugly
   gstreamer1.0-rtsp
   gstreamer1.0-libav
+  chromium
 )
 
 missing=()

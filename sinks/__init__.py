@@ -150,6 +150,13 @@ def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | No
 
             spool = cfg.redis.spool_dir or (out / "redis-spool" if out else None)
             sinks.append(RedisSink(cfg.redis, spool_dir=spool))
+        preview_on = cfg.preview.enabled if cfg.preview.enabled is not None else bool(cfg.redis.url)
+        if preview_on:  # the operator console's live picture (sinks/preview.py)
+            if not cfg.redis.url:
+                raise UserError("sinks.preview.enabled is true but sinks.redis.url is not set")
+            from sinks.preview import PreviewSink
+
+            sinks.append(PreviewSink(cfg.preview, cfg.redis, normal_regions=cfg.video.normal_regions))
         if cfg.video.dir:
             from sinks.video import VideoSink
 
