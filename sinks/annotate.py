@@ -103,6 +103,9 @@ def draw_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, 
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, th)
         label = f"{r.peak:.2f}" if threshold is None else f"{r.peak:.2f} / thr {threshold:.2f}"
         (tw, tht), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+        if threshold is not None and tw > canvas.shape[1] // 3:  # small frames: the peak alone
+            label = f"{r.peak:.2f}"
+            (tw, tht), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
         ty = y1 - 3 if y1 - tht - base - 3 >= 0 else min(y2 + tht + 3, h - base)  # inside if no room
         cv2.rectangle(canvas, (x1, ty - tht - 2), (x1 + tw + 2, ty + base - 1), color, -1)
         cv2.putText(canvas, label, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, fs, WHITE, th, cv2.LINE_AA)
@@ -123,16 +126,22 @@ def draw_status(canvas: np.ndarray, result: FrameResult) -> np.ndarray:
     h, w = canvas.shape[:2]
     fs, th = _font_scale(h), _thickness(h)
     text = f"{result.camera_id} #{result.frame_index}  score {result.score:.3f} / thr {result.threshold:.3f}"
-    (_, tht), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+    (tw, tht), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
     bar_h = tht + base + 8
+    room = w - 8  # the text shrinks to fit beside the ANOMALY tag rather than run under it
     if result.is_anomalous:
         canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.float32(RED) * 0.65).astype(np.uint8)
         (aw, _), _ = cv2.getTextSize("ANOMALY", cv2.FONT_HERSHEY_SIMPLEX, fs * 1.1, th + 1)
         cv2.putText(canvas, "ANOMALY", (max(0, w - aw - 6), bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX,
                     fs * 1.1, WHITE, th + 1, cv2.LINE_AA)
+        room -= aw + 8
     else:
         _darken(canvas, 0, 0, w, bar_h)
-    cv2.putText(canvas, text, (4, bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX, fs, WHITE, th, cv2.LINE_AA)
+    text_fs = fs
+    while tw > room and text_fs > 0.2:  # glyph widths do not scale exactly with the font scale
+        text_fs *= max(0.5, min(0.95, room / tw))
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, text_fs, th)
+    cv2.putText(canvas, text, (4, bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX, text_fs, WHITE, th, cv2.LINE_AA)
     return canvas
 
 
