@@ -201,6 +201,7 @@ class AlertTracker:
 
     def _open_step(self, cam: _Camera, result, frame, ts, score, enter, exit_) -> list[AlertEvent]:
         op = cam.open
+        assert op is not None
         if score > op.peak.score:
             op.peak = Peak(frame, result, op.peak.version + 1)
         if not score >= exit_:
@@ -240,6 +241,7 @@ class AlertTracker:
         """End the open alert at `result` (the frame that ended it: the one that completed the exit
         duration, or on shutdown / end of input the camera's last frame)."""
         op = cam.open
+        assert op is not None
         # The anomaly ended when the score first dropped below exit; on shutdown, at the last frame.
         end = op.below_when if op.below_when is not None else _When.of(result)
         cam.open = None

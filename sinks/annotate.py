@@ -130,7 +130,7 @@ def draw_status(canvas: np.ndarray, result: FrameResult) -> np.ndarray:
     bar_h = tht + base + 8
     room = w - 8  # the text shrinks to fit beside the ANOMALY tag rather than run under it
     if result.is_anomalous:
-        canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.float32(RED) * 0.65).astype(np.uint8)
+        canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.asarray(RED, np.float32) * 0.65).astype(np.uint8)
         (aw, _), _ = cv2.getTextSize("ANOMALY", cv2.FONT_HERSHEY_SIMPLEX, fs * 1.1, th + 1)
         cv2.putText(canvas, "ANOMALY", (max(0, w - aw - 6), bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX,
                     fs * 1.1, WHITE, th + 1, cv2.LINE_AA)

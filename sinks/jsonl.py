@@ -5,6 +5,7 @@ import json
 import os
 import threading
 import time
+from typing import TextIO
 from pathlib import Path
 
 from detector.result import FrameResult
@@ -24,7 +25,7 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1, encoding="utf-8")
+        self._f: TextIO | None = open(self.path, "a", buffering=1, encoding="utf-8")
         self._lock = threading.Lock()  # camera status may arrive from source threads
 
     def _emit(self, obj: dict) -> None:

@@ -144,7 +144,7 @@ class AlertSpool:
             start, end = self._offset, self._size
         if start >= end:
             return []
-        out = []
+        out: list[tuple[int, bytes]] = []
         with open(self.data_path, "rb") as f:
             f.seek(start)
             pos = start
@@ -268,6 +268,8 @@ class RedisSink:
     # -- setup ---------------------------------------------------------------------------------------
     @staticmethod
     def _make_client(cfg: RedisConfig) -> redis.Redis:
+        if not cfg.url:
+            raise UserError("sinks.redis.url: not set (a Redis sink needs a redis:// or rediss:// URL)")
         t = cfg.socket_timeout_s
         try:
             client = redis.Redis.from_url(
@@ -297,7 +299,7 @@ class RedisSink:
 
     @staticmethod
     def _default_spool_dir(cfg: RedisConfig) -> Path:
-        tag = hashlib.sha1(_spool_key(cfg.url).encode()).hexdigest()[:8]
+        tag = hashlib.sha1(_spool_key(cfg.url or "").encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"spade-spool-{cfg.prefix}-{tag}"
 
     # -- Sink protocol (caller's thread: never blocks on Redis) ----------------------------------------
@@ -497,7 +499,7 @@ class RedisSink:
         try:
             pipe = self.client.pipeline(transaction=False)
             for rec in batch:
-                pipe.xadd(f"{self.prefix}:{rec['camera']}:frames", frame_fields(rec),
+                pipe.xadd(f"{self.prefix}:{rec['camera']}:frames", dict(frame_fields(rec)),  # type: ignore[arg-type]
                           maxlen=self.cfg.frames_maxlen, approximate=True)
             pipe.execute()
         except Exception as err:

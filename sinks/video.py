@@ -82,12 +82,14 @@ class VideoSink:
             self._open(camera, rec, ts)
         elif self.cfg.segment_s and (ts - rec.segment_start >= self.cfg.segment_s or ts < rec.segment_start):
             # Roll on frame time; a timestamp jumping backwards (looped file) also starts a new segment.
+            assert rec.writer is not None
             rec.writer.close()
             rec.segment += 1
             self._open(camera, rec, ts)
         rgb = self.annotator.annotate(frame, result)
         if frame.size != rec.size:
             rgb = cv2.resize(rgb, rec.size, interpolation=cv2.INTER_AREA)
+        assert rec.writer is not None  # _open made it
         rec.writer.write(rgb)
 
     def alert(self, event: AlertEvent) -> None:

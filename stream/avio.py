@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Any, Generator, Iterator, Literal, Optional, cast
 from urllib.parse import unquote, urlsplit
 
 import av
@@ -235,14 +235,13 @@ def open_input(
         # H.264 picture is worse for an anomaly detector than a few ms of latency.
         options["rtsp_transport"] = rtsp_transport
     t0 = time.monotonic()
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if hwaccel is not None:
         from av.codec.hwaccel import HWAccel
 
         kwargs["hwaccel"] = HWAccel(device_type=hwaccel, allow_software_fallback=True)
     try:
-        return av.open(target, mode="r", format=fmt, options=options, timeout=(open_timeout, read_timeout),
-                       **kwargs)
+        return av.open(target, "r", fmt, options, timeout=(open_timeout, read_timeout), **kwargs)
     except (av.error.FFmpegError, OSError) as exc:
         if hwaccel is not None:
             # FFmpeg reports a missing or busy device the same way as a bad input: retry in software
@@ -303,7 +302,7 @@ class VideoInput:
         return ((p.rgb(), t) for p, t in self.pictures())
 
     def _decode(self) -> Iterator[tuple[Picture, Optional[float]]]:
-        packets = self.container.demux(self.stream)
+        packets = cast(Generator, self.container.demux(self.stream))
         bad, last_data = 0, time.monotonic()
         try:
             while True:
@@ -356,7 +355,7 @@ class VideoInput:
     def close(self) -> None:
         try:
             if self._frames is not None:
-                self._frames.close()  # runs the demuxer's cleanup before the container goes away
+                cast(Generator, self._frames).close()  # runs the demuxer's cleanup before the container goes away
         finally:
             self.container.close()
 
