@@ -62,6 +62,11 @@ def _add_live_commands(sub, common) -> None:
     p.add_argument("--secrets-file", default=None, metavar="FILE",
                    help="NAME=value lines (chmod 600) that *_env config fields may name")
     p.add_argument("--no-progress", action="store_true", help="no live terminal display")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="spread the cameras over Ray workers: a Ray address (auto, ray://host:10001, host:6379) "
+                   "or local (Ray in this process); needs a Redis URL (app/cluster.py)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N",
+                   help="with --cluster and no GPUs: one camera worker per N CPUs (default 1)")
 
     p = sub.add_parser("synth", help="write the synthetic STC-layout data set (tests, demos, benchmarks)")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -80,6 +85,23 @@ def _add_live_commands(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly", choices=["vehicle", "offpath", "object"], default="object")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the streamed clip")
+
+    p = sub.add_parser("console", help="operator web console: cameras, live previews, alerts (reads Redis only)")
+    p.add_argument("--redis", required=True, metavar="URL", help="the Redis the pipeline(s) publish to")
+    p.add_argument("--prefix", default="spade", help="key prefix (sinks.redis.prefix; default spade)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="interface to listen on (default 127.0.0.1; any other needs --token-env)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token-env", default=None, metavar="NAME",
+                   help="environment variable (or --secrets-file name) holding the access token")
+    p.add_argument("--secrets-file", default=None, metavar="FILE", help="NAME=value lines (chmod 600)")
+    p.add_argument("--redis-password-env", default=None, metavar="NAME",
+                   help="environment variable holding the Redis password")
+    p.add_argument("--snapshots-root", default=None, metavar="DIR",
+                   help="serve alert snapshots found under DIR (default: serve none)")
+    p.add_argument("--video-root", default=None, metavar="DIR",
+                   help="link alerts to the video sink's recordings under DIR (default: none)")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def apply_cli_overrides(cfg, args):
@@ -119,10 +141,11 @@ def _apply_cli_overrides(cfg, args):
     return cfg
 
 
-def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=True):
+def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=True, on_pipeline=None):
     """Run the live pipeline on cfg.sources, each camera scored against its own bank (sources[].bank)
-    or `bank`."""
-    from detector.cameras import CameraDetectors
+    or `bank`. `on_pipeline(pipe)`, when given, is called with the Pipeline just before it runs (app.cluster
+    uses it to stop the run from another thread and to read its state)."""
+    from detector.cameras import BankRouter
     from sinks import build_sinks
     from app.pipeline import Pipeline
     from stream.sources import check_recorded
@@ -139,7 +162,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
         names = configs.load_secrets(cfg.pipeline.secrets_file)
         log.info("secrets file %s: %d name(s) loaded", cfg.pipeline.secrets_file, len(names))
     check_recorded(cfg.sources)  # a missing or undecodable file is reported before the model loads
-    det = CameraDetectors.load(cfg, bank)
+    det = BankRouter.for_cameras(cfg, bank)
     det.warm_up(cfg.pipeline.max_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
     sinks = build_sinks(cfg.sinks, cfg.alerts, out_dir, fps_hint=det.source_fps)
@@ -154,6 +177,14 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     except BaseException:
         sinks.close(reason="shutdown")  # a config error must not leave a Redis worker or open files
         raise
+    if on_pipeline is not None:
+        try:
+            on_pipeline(pipe)
+        except BaseException:
+            sinks.close(reason="shutdown")
+            if metrics is not None:
+                metrics.stop()
+            raise
     try:
         summary = pipe.run(duration_s=duration, progress=progress)
     finally:
@@ -176,6 +207,10 @@ def cmd_run(args) -> int:
     from configs import jsonsafe
 
     cfg = apply_cli_overrides(configs.load(args.config), args)
+    if getattr(args, "cluster", None):  # many machines: app/cluster.py
+        from app.cluster import cmd_run_cluster
+
+        return cmd_run_cluster(cfg, args)
     summary = run_pipeline(cfg, Path(args.bank) if args.bank else None, Path(args.out), args.duration,
                            progress=cfg.pipeline.progress and not args.no_progress and not args.quiet)
     print(jsonsafe.dumps(_summary_json(summary), indent=1))
@@ -407,6 +442,15 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_console(args) -> int:
+    try:
+        from app.console import serve, settings_from_args
+    except ImportError as err:
+        raise UserError(f"console: {err.name or err} is not installed: pip install 'spade-stream[console]'") from None
+    serve(settings_from_args(args), log_level="debug" if args.verbose else "warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from configs.errors import UserError
 
@@ -414,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     handlers = {"fit": cmd_fit, "eval": cmd_eval, "verify-bank": cmd_verify, "run": cmd_run, "demo": cmd_demo,
-                "synth": cmd_synth}
+                "synth": cmd_synth, "console": cmd_console}
     try:
         return handlers[args.command](args)
     except UserError as err:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from configs.schema import AppConfig
+from detector.contract import LiveDetector, ScoredFrames
 from sinks import SinkSet
 from stream.batcher import Arrival, Batcher
 from stream.sources import Source, SourceState, StatusEvent
@@ -44,22 +45,48 @@ class RunSummary:
         return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+# What the detector thread hands the sink thread, in order (None ends the sink thread).
+@dataclass
+class ScoredItem:
+    """A scored batch: its results are built and published on the sink thread."""
+    scored: ScoredFrames
+    arrivals: list[Arrival]
+
+
+@dataclass
+class StatusItem:
+    """A camera went "online" / "offline"."""
+    camera: str
+    state: str
+    detail: str
+
+
+@dataclass
+class EndCameraItem:
+    """A camera's last frame was queued: its open alert ends with `reason`."""
+    camera: str
+    reason: str
+
+
+SinkItem = ScoredItem | StatusItem | EndCameraItem
+
+
 class Pipeline:
-    def __init__(self, cfg: AppConfig, detector, sinks: SinkSet, sources: Sequence[Source] | None = None,
+    def __init__(self, cfg: AppConfig, detector: LiveDetector, sinks: SinkSet, sources: Sequence[Source] | None = None,
                  stats: PipelineStats | None = None, source_factory: Callable | None = None):
         self.cfg = cfg
         self.detector = detector
         self.sinks = sinks
         self.stats = stats or PipelineStats()
-        prepare = getattr(detector, "prepare", None)
-        flow_tracker = getattr(detector, "flow_tracker", None)  # one per source: each keeps its last frame
         # Cores shared out among the cameras' decoders (each would otherwise start one thread per core).
         threads = max(1, (os.cpu_count() or 1) // max(1, len(cfg.sources))) if len(cfg.sources) > 1 else 0
-        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=prepare, decode_threads=threads,
-                                                           flow=flow_tracker() if flow_tracker else None))
+        # Model inputs and optical flow are made on each source's decode thread: a flow tracker per source,
+        # as each keeps its source's last frame.
+        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=detector.prepare,
+                                                           decode_threads=threads, flow=detector.flow_tracker()))
         self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
         self._stop = threading.Event()
-        self._sink_q: queue.Queue = queue.Queue(maxsize=4)
+        self._sink_q: queue.Queue[SinkItem | None] = queue.Queue(maxsize=4)
         self._online: dict[str, str] = {}  # camera -> "online" / "offline", as last published
         self._final_status: dict[str, str] = {}  # camera -> detail of its final state, held back
         self._status_lock = threading.RLock()
@@ -104,19 +131,19 @@ class Pipeline:
             if self._online.get(ev.camera) == state or ev.camera in self._ended:
                 return
             self._online[ev.camera] = state
-            self._put(("status", ev.camera, state, ev.detail))
+            self._put(StatusItem(ev.camera, state, ev.detail))
 
     def _finish_camera(self, name: str, reason: str) -> None:
         """The camera's last frame is queued: end its open alert with `reason`, then say it is offline."""
         with self._status_lock:
             self._ended.add(name)
-            self._put(("end_camera", name, reason))
+            self._put(EndCameraItem(name, reason))
             detail = self._final_status.pop(name, None) or "stopped"
             if self._online.get(name) != "offline":
                 self._online[name] = "offline"
-                self._put(("status", name, "offline", detail))
+                self._put(StatusItem(name, "offline", detail))
 
-    def _put(self, item) -> None:
+    def _put(self, item: SinkItem | None) -> None:
         while True:
             try:
                 self._sink_q.put(item, timeout=0.5)
@@ -135,40 +162,38 @@ class Pipeline:
             item = self._sink_q.get()
             if item is None:
                 return
-            kind = item[0]
             try:
-                if kind == "results":
-                    _, results, arrivals = item
-                    t0 = time.perf_counter()
-                    if not isinstance(results, list):  # a ScoredBatch: regions are found here
-                        results = results.results()
-                        t1 = time.perf_counter()
-                        self.stats.add_stage("regions", t1 - t0)
-                        t0 = t1
-                    for res, arr in zip(results, arrivals):
-                        events = self.sinks.publish(res, arr.frame)
-                        now = time.time()
-                        src = arr.source
-                        captured = arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) \
-                            else arr.received
-                        st = self.stats.camera(res.camera_id)
-                        latency = max(0.0, now - captured)
-                        st.record(latency, time.monotonic())
-                        st.alerts_opened += sum(1 for e in events if e.type == "new")
-                        for fn in self.observers:
-                            try:
-                                fn(res.camera_id, latency, events)
-                            except Exception:
-                                log.exception("pipeline observer %r failed", fn)
-                    self.stats.add_stage("sinks", time.perf_counter() - t0)
-                elif kind == "status":
-                    _, camera, state, detail = item
-                    self.sinks.camera_status(camera, state, detail)
-                elif kind == "end_camera":
-                    _, camera, reason = item
-                    self.sinks.end_camera(camera, reason)
+                if isinstance(item, ScoredItem):
+                    self._publish(item)
+                elif isinstance(item, StatusItem):
+                    self.sinks.camera_status(item.camera, item.state, item.detail)
+                elif isinstance(item, EndCameraItem):
+                    self.sinks.end_camera(item.camera, item.reason)
             except Exception:
-                log.exception("sink thread: %s failed", kind)
+                log.exception("sink thread: %s failed", type(item).__name__)
+
+    def _publish(self, item: ScoredItem) -> None:
+        """A scored batch's results (regions are found here), each published and timed."""
+        t0 = time.perf_counter()
+        results = item.scored.results()
+        t1 = time.perf_counter()
+        self.stats.add_stage("regions", t1 - t0)
+        for res, arr in zip(results, item.arrivals):
+            events = self.sinks.publish(res, arr.frame)
+            now = time.time()
+            src = arr.source
+            captured = arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) \
+                else arr.received
+            st = self.stats.camera(res.camera_id)
+            latency = max(0.0, now - captured)
+            st.record(latency, time.monotonic())
+            st.alerts_opened += sum(1 for e in events if e.type == "new")
+            for fn in self.observers:
+                try:
+                    fn(res.camera_id, latency, events)
+                except Exception:
+                    log.exception("pipeline observer %r failed", fn)
+        self.stats.add_stage("sinks", time.perf_counter() - t1)
 
     # --- main loop ------------------------------------------------------------------------------
     def _check_finished_sources(self) -> None:
@@ -180,58 +205,70 @@ class Pipeline:
                 self._finish_camera(s.name, "source_ended")
 
     def run(self, duration_s: Optional[float] = None, progress: bool | None = None) -> RunSummary:
+        """Start the sink thread and the sources, batch and score until the deadline, a stop or the end of
+        every input, then shut down in order: sources, their final alerts and statuses, sinks."""
         progress = self.cfg.pipeline.progress if progress is None else progress
         restore = self._install_signals()
+        self._start_threads()
+        display = ProgressDisplay(self, enabled=progress)
+        display.start()
+        t_start = time.monotonic()
+        all_done = False
+        try:
+            all_done = self._main_loop(t_start + duration_s if duration_s else None)
+        finally:
+            self._shut_down(all_done)
+            display.stop()
+            restore()
+        return self._summary(time.monotonic() - t_start, all_done)
+
+    def _start_threads(self) -> None:
         self._sink_thread = threading.Thread(target=self._sink_loop, name="sinks", daemon=True)
         self._sink_thread.start()
         for s in self.sources:
             self.stats.camera(s.name)
             s.start()
-        display = ProgressDisplay(self, enabled=progress)
-        display.start()
+
+    def _main_loop(self, deadline: float | None) -> bool:
+        """Batch and score until stopped or past `deadline`; True when every source's input ended."""
         batcher = Batcher(self.sources, self.cfg.pipeline.max_batch, self.cfg.pipeline.max_wait_ms / 1000.0)
-        t_start = time.monotonic()
-        deadline = t_start + duration_s if duration_s else None
-        all_done = False
         # Silent cameras must not keep the loop from its deadline or from noticing finished sources.
         idle_s = max(0.5, 4 * self.cfg.pipeline.max_wait_ms / 1000.0)
-        try:
-            while not self._stop.is_set():
-                if deadline and time.monotonic() >= deadline:
-                    self.stop("duration")
-                    break
-                batch = batcher.next_batch(self._stop, idle_s)
-                if batch:
-                    self._process(batch)
-                # only after its last frame was queued for the sinks may a source's end be announced
-                self._check_finished_sources()
-                if batch is None and batcher.all_finished():
-                    all_done = True
-                    break
-        finally:
-            # Ask every source to stop first, then join them against one deadline: a camera stuck
-            # in a network read (it ends at its read timeout) must not delay the others' shutdown.
-            for s in self.sources:
-                request = getattr(s, "request_stop", None)
-                if request is not None:
-                    request()
-            stop_deadline = time.monotonic() + 2.0
-            stopped = self._stop.is_set()
-            for s in self.sources:
-                s.stop(timeout=max(0.05, stop_deadline - time.monotonic()))
-            reason = "source_ended" if all_done and self._reason == "finished" else (
-                "shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
-            if not stopped:
-                self._check_finished_sources()
-            for s in self.sources:  # stopped by us (or stuck): their alerts end with the run's reason
-                if s.name not in self._ended:
-                    self._finish_camera(s.name, reason)
-            self._put(None)
-            self._sink_thread.join()
-            self.sinks.close(reason=reason)
-            display.stop()
-            restore()
-        elapsed = time.monotonic() - t_start
+        while not self._stop.is_set():
+            if deadline and time.monotonic() >= deadline:
+                self.stop("duration")
+                return False
+            batch = batcher.next_batch(self._stop, idle_s)
+            if batch:
+                self._process(batch)
+            # only after its last frame was queued for the sinks may a source's end be announced
+            self._check_finished_sources()
+            if batch is None and batcher.all_finished():
+                return True
+        return False
+
+    def _shut_down(self, all_done: bool) -> None:
+        """Stop the sources, end every camera's alert and status, drain the sink thread, close the sinks."""
+        # Ask every source to stop first, then join them against one deadline: a camera stuck
+        # in a network read (it ends at its read timeout) must not delay the others' shutdown.
+        for s in self.sources:
+            s.request_stop()
+        stop_deadline = time.monotonic() + 2.0
+        stopped = self._stop.is_set()
+        for s in self.sources:
+            s.stop(timeout=max(0.05, stop_deadline - time.monotonic()))
+        reason = "source_ended" if all_done and self._reason == "finished" else (
+            "shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
+        if not stopped:
+            self._check_finished_sources()
+        for s in self.sources:  # stopped by us (or stuck): their alerts end with the run's reason
+            if s.name not in self._ended:
+                self._finish_camera(s.name, reason)
+        self._put(None)
+        self._sink_thread.join()
+        self.sinks.close(reason=reason)
+
+    def _summary(self, elapsed: float, all_done: bool) -> RunSummary:
         return RunSummary(
             elapsed_s=elapsed, frames=self.stats.frames,
             cameras={s.name: {"processed": self.stats.camera(s.name).processed, "decoded": s.decoded,
@@ -249,8 +286,7 @@ class Pipeline:
         frames = [a.frame for a in batch]
         t0 = time.perf_counter()
         try:
-            score_batch = getattr(self.detector, "score_batch", None)
-            results = score_batch(frames) if score_batch is not None else self.detector.score_frames(frames)
+            scored = self.detector.score_batch(frames)
         except Exception:
             self.detector_errors += 1
             log.exception("detector failed on a batch of %d frames (%d failures so far)", len(frames),
@@ -261,7 +297,7 @@ class Pipeline:
         self.stats.add_stage("detector", time.perf_counter() - t0)
         self.stats.frames += len(frames)
         self.stats.batches += 1
-        self._put(("results", results, batch))
+        self._put(ScoredItem(scored, batch))
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():

@@ -10,7 +10,7 @@ bank fitted on normal footage of the same synthetic scene (same seed, generate_s
   preprocess Detector.model_inputs: each picture shrunk to input_size^2 RGB straight from the decoder's
              planes (the sources' Detector.prepare)
   backbone   Detector.features on the resized frames, in batches of pipeline.max_batch
-  scoring    features given: Detector.score_tensors + frame score + Detector.results
+  scoring    features and flow given: Detector.score_batch (the live path) + ScoredBatch.results
              (broken down as knn = SPADE distances, post = upsample + blur, frame_score, to_host,
              regions = find_regions)
   sinks      SinkSet.publish of those results (JSONL + alert tracker + snapshots, as `run` builds them)
@@ -28,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -163,7 +164,7 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
     totals = {"backbone": 0.0, "scoring": 0.0, "scoring_cpu": 0.0}
     sc = det.scorer
     k = max(sc.k_image, sc.k_gallery)
-    pix_t = det.pixel_threshold
+    pix_t = det.thresholds.pixel
     det.reset()
     for b0 in range(0, len(frames), bs):
         fb = frames[b0:b0 + bs]
@@ -172,8 +173,9 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
         small = det.model_inputs(fb)
         t = tm.add("preprocess", t)
         motion = None
-        if det.flow is not None:
-            motion = det.motion_features(small, cams, indices=[f.index for f in fb])
+        if det.flow_extractor is not None:
+            motion = det.flow_features(small, cams, indices=[f.index for f in fb])
+            fb = [dataclasses.replace(f, flow=motion[i]) for i, f in enumerate(fb)]  # as the sources give it
             t = tm.add("motion", t)
         pyr, glob = det.features(small)
         t1 = tm.add("backbone", t)
@@ -181,13 +183,11 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
         # scoring as the detector does it (features given)
         t = time.perf_counter()
         c = time.process_time()
-        out, comps = det.score_tensors(pyr, glob, motion, all_components=False)  # what the live path computes
-        scores = det.smooth(cams, det.frame_scores(comps))
-        results = det.results(fb, out, comps, scores)
+        results = det.score_batch(fb, model_input=small, features=(pyr, glob)).results()  # the live path
         sync()
         totals["scoring"] += time.perf_counter() - t
         totals["scoring_cpu"] += time.process_time() - c
-        # the same, broken down (appearance path; motion maps are added by score_tensors above)
+        # the same, broken down (appearance path; motion maps are added by score_batch above)
         with torch.inference_mode():
             t = tm.start()
             d2, idx = sc.nearest_frames(glob, k)
@@ -199,7 +199,7 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             o2 = SpadeOutput(image_scores, idx, maps)
             c2 = frame_components(o2, d.topq, pix_t, costly=det.costly_components_read(),
                                   moving_weights=det.moving_weights(motion, len(fb)))
-            det.frame_scores(c2)
+            det.thresholds.frame_scores(c2)
             t = tm.add("frame_score", t)
             maps_np = maps.float().cpu().numpy()
             idx.cpu().numpy()
@@ -274,8 +274,7 @@ def profile_pass(det, pictures, cfg, sync) -> dict:
         sync()
     tables["backbone"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     with profile(activities=acts) as prof:
-        out, comps = det.score_tensors(pyr, glob)
-        det.results(fb, out, comps, det.frame_scores(comps))
+        det.score_batch(fb, all_components=True, model_input=small, features=(pyr, glob)).results()
         sync()
     tables["scoring"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     del torch

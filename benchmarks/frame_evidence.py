@@ -120,8 +120,8 @@ def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
         for a in range(0, len(v.frames), bs):
             small = resize_batch([read_image(p) for p in v.frames[a:a + bs]], s)
             p, g = det.features(small)
-            m = det.motion_features(small, f"eval-{v.name}")
-            _, c = det.score_tensors(p, g, m)
+            m = det.flow_features(small, f"eval-{v.name}")
+            _, c = det.score_offline(small, m, features=(p, g))
             pyr.append(p.permute(0, 2, 3, 1).flatten(1, 2).to(torch.float16).cpu().numpy())
             last.append(last_block.take())
             flow.append(m)
@@ -152,7 +152,7 @@ def frames_with_flow(cfg, data: Path, keys: list[tuple[int, int]], det, last_blo
     for a in range(0, len(keys), bs):
         chunk = keys[a:a + bs]
         stack = np.stack([frames[k] for k in chunk])
-        cells.append(det.motion_features(stack, prev_u8=[frames.get((i, f - 1)) for i, f in chunk]))
+        cells.append(det.flow_features(stack, previous=[frames.get((i, f - 1)) for i, f in chunk]))
         det.features(stack)
         last.append(last_block.take())
     return np.concatenate(cells), np.concatenate(last)
@@ -210,7 +210,7 @@ class Variants:
         return self._bank_pixels
 
     def upsample(self, cells, sigma: float | None = None):
-        from detector.spade import upsample_blur_operator
+        from detector.anomaly_map import upsample_blur_operator
 
         if sigma is None:
             return self.det.scorer.upsample(cells)
@@ -374,7 +374,7 @@ class Variants:
             return torch.cdist(embed(last_maps, cells), bank_emb).amin(dim=1).numpy()
 
         if power is None:
-            stats = self.det.component_stats()[self.cfg.detector.frame_score]
+            stats = self.det.thresholds.component_stats()[self.cfg.detector.frame_score]
             held_cells, held_last = frames_with_flow(self.cfg, self.data, held_out_keys(self.cfg, self.data), self.det,
                                                      self.last_block)
             held = distance(held_last, held_cells)

@@ -3,7 +3,7 @@
 
 One bank (fitted on the CPU, cached under --workdir, the same generated scene as bench_pipeline) is
 loaded twice, by a CPU detector and a CUDA detector; the same decoded and resized frames go through
-`features` + `score_tensors` on both. Checks:
+`features` + `score_offline` on both. Checks:
 
   maps:       per frame, relative L2 error ||gpu - cpu|| / ||cpu|| of the final anomaly map; the worst
               frame must be below --tol (default 1e-2). The max-abs relative error is reported too.
@@ -127,14 +127,14 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
         small = np.stack([p.scaled(d.input_size) for p in images[b0:b0 + bs]])
         t0 = time.perf_counter()
         pyr_c, glob_c = det_c.features(small)
-        oc, _ = det_c.score_tensors(pyr_c, glob_c)
+        oc, _ = det_c.score_offline(small, features=(pyr_c, glob_c))
         t_c += time.perf_counter() - t0
         # how close the CPU's second-nearest bank frame is to its nearest: a flipped top-1 neighbour
         # between near-tied frames is rounding, between well-separated ones it is a bug
         d_top2 = det_c.scorer.nearest_frames(glob_c, 2)[0].double().numpy()
         gaps += list((d_top2[:, 1] - d_top2[:, 0]) / np.maximum(d_top2[:, 0], 1e-12))
         t0 = time.perf_counter()
-        og, _ = det_g.score_tensors(*det_g.features(small))
+        og, _ = det_g.score_offline(small)
         if det_g.device.type == "cuda":
             torch.cuda.synchronize()
         t_g += time.perf_counter() - t0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,8 +16,9 @@ import torch
 from detector import framescore
 from detector.bank import PIXEL, BankWriter, clear_bank, open_bank, write_coreset, write_meta
 from detector.coreset import build_coreset
-from detector.detector import Detector, bank_signature
+from detector.detector import Detector, bank_signature, load_backbone
 from detector.motion import build_motion_model, flow_noise, frame_flow_medians
+from detector.thresholds import combine_maps, scoring_settings
 from detector.scenes import scene_dir, split_by_scene, write_index
 from stream.prefetch import prefetch
 from stream.allocator import HeapTrimmer
@@ -93,7 +95,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     # Frames are chosen over all the footage first: a per-scene fit decodes and stores what a pooled one does.
     selected = select_indices([it.n_frames for it in items], bcfg.every, bcfg.max_frames)
     scenes = split_by_scene([it.name for it in items], bcfg.per_scene, stc_training_dir(data) is not None)
-    extractor, device = Detector.build_extractor(cfg)
+    extractor, device = load_backbone(cfg)
     if not scenes:
         return _fit_items(cfg, items, selected, bank_dir, extractor, device, progress, data)
     bank_dir.mkdir(parents=True, exist_ok=True)
@@ -108,116 +110,184 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     return {"scenes": metas}
 
 
-def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int]], bank_dir: Path,
-               detector_extractor, device: torch.device, progress: bool, data, desc: str = "fit") -> dict:
-    """Fit one bank from `items`' `selected` frames (`data` names them in errors, `desc` in the progress bar)."""
+@dataclass
+class FitPlan:
+    """Which frames of each footage item go into the bank, which are held out for calibration, and which
+    must be decoded (both, plus each one's predecessor t-1 when the frame score needs flow)."""
+    bank_frames: list[list[int]]
+    holdout_frames: list[list[int]]
+    bank_sets: list[set[int]]
+    holdout_sets: list[set[int]]
+    wanted: list[set[int]]
+
+    @classmethod
+    def of(cls, selected: list[list[int]], holdout: float, needs_flow: bool) -> "FitPlan":
+        bank_frames, holdout_frames = split_holdout(selected, holdout)
+        bank_sets = [set(x) for x in bank_frames]
+        holdout_sets = [set(x) for x in holdout_frames]
+        wanted = [b | h for b, h in zip(bank_sets, holdout_sets)]
+        if needs_flow:  # flow needs each selected frame's true predecessor t-1
+            wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
+        return cls(bank_frames, holdout_frames, bank_sets, holdout_sets, wanted)
+
+
+class BankFrames:
+    """The bank's frames, fed one by one and written to the bank a batch at a time: their features, and
+    with flow each one's flow cell features (the motion model) and median cell flow (the noise floor)."""
+
+    def __init__(self, det: Detector, writer: BankWriter, batch_size: int, keep_motion: bool):
+        self.det, self.writer, self.batch_size, self.keep_motion = det, writer, batch_size, keep_motion
+        self.needs_flow = det.flow_extractor is not None
+        self.motion_features: list[np.ndarray] = []
+        self.flow_medians: list[np.ndarray] = []  # bank frames' median cell flow (the moving gate's noise floor)
+        self._inputs: list[np.ndarray] = []
+        self._previous: list[np.ndarray | None] = []
+        self._origins: list[tuple[int, int]] = []
+
+    def add(self, model_input: np.ndarray, previous: np.ndarray | None, origin: tuple[int, int]) -> bool:
+        """Add a frame; True when that completed a batch (written now)."""
+        self._inputs.append(model_input)
+        self._previous.append(previous)
+        self._origins.append(origin)
+        if len(self._inputs) < self.batch_size:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self._inputs:
+            return
+        stack = np.stack(self._inputs)
+        pyramid, global_features = self.det.features(stack)
+        self.writer.append(pyramid.cpu().numpy(), global_features.cpu().numpy(), list(self._origins))
+        if self.needs_flow:
+            flow = self.det.flow_features(stack, previous=list(self._previous))
+            self.flow_medians.append(frame_flow_medians(flow, self._previous))
+            if self.keep_motion:
+                self.motion_features.append(flow.astype(np.float16))
+        self._inputs.clear()
+        self._origins.clear()
+        self._previous.clear()
+
+    def all_flow_medians(self) -> np.ndarray | None:
+        return np.concatenate(self.flow_medians) if self.flow_medians else None
+
+
+class HoldoutFrames:
+    """Held-out frames in time order, with their predecessors when the frame score needs flow and the
+    footage item each came from; spooled to temporary files (`FrameSpool`), removed by `close`."""
+
+    def __init__(self, bank_dir: Path, size: int, needs_flow: bool):
+        self.frames = FrameSpool(bank_dir / "holdout.tmp", size)
+        self.previous = FrameSpool(bank_dir / "holdout_prev.tmp", size) if needs_flow else None
+        self.items: list[int] = []
+
+    def add(self, item: int, model_input: np.ndarray, previous: np.ndarray | None) -> None:
+        self.frames.append(model_input)
+        if self.previous is not None:
+            self.previous.append(previous)
+        self.items.append(item)
+
+    def close(self) -> None:
+        for spool in (self.frames, self.previous):
+            if spool is not None:
+                spool.close()
+
+
+def _read_footage(items: list[FootageItem], plan: FitPlan, size: int, bank_frames: BankFrames,
+                  holdout: HoldoutFrames, progress: bool, desc: str) -> None:
+    """Decode the planned frames once, in order, handing each to the bank or the holdout with its true
+    predecessor (None unless frame t-1 was decoded just before it)."""
+    last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, model input)
+    trimmer = HeapTrimmer()
+    bar = tqdm(total=sum(map(len, plan.wanted)), desc=desc, unit="frame", disable=not progress, dynamic_ncols=True)
+    try:
+        for i, f, model_input in _frames(items, plan.wanted, size):
+            prev = last.get(i)
+            previous = prev[1] if prev is not None and prev[0] == f - 1 else None
+            last[i] = (f, model_input)
+            if f in plan.holdout_sets[i]:
+                holdout.add(i, model_input, previous)
+            elif f in plan.bank_sets[i]:
+                if bank_frames.add(model_input, previous, (i, f)):
+                    trimmer.maybe()
+            bar.update(1)
+        bank_frames.flush()
+    except BaseException:
+        bank_frames.writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def _bank_meta(cfg: AppConfig, signature: dict, extractor, items: list[FootageItem], plan: FitPlan) -> dict:
+    """The bank's metadata before calibration: its signature, where its frames came from, how it was fitted."""
     bcfg = cfg.bank
-    bank_idx, hold_idx = split_holdout(selected, bcfg.holdout)
-    n_bank = sum(map(len, bank_idx))
-    if n_bank == 0:
-        raise UserError(f"{data}: no frames selected for the bank (check bank.every / bank.max_frames)")
-    signature = bank_signature(cfg, detector_extractor)
-    size = cfg.detector.input_size
-    writer = BankWriter(bank_dir, pixel_dim=detector_extractor.pixel_dim, grid=cfg.detector.grid,
-                        global_dim=detector_extractor.global_dim)
-    det = Detector(cfg, detector_extractor, None, device)
-    bank_sets = [set(x) for x in bank_idx]
-    hold_sets = [set(x) for x in hold_idx]
-    wanted = [b | h for b, h in zip(bank_sets, hold_sets)]
-    use_motion = cfg.detector.motion.enabled  # the bank gets a normal-flow model
+    meta = dict(signature)
+    meta.update(
+        weights_origin=extractor.weights_origin,
+        layers="blocks 1-3 (strides 4, 8, 16)",
+        sources=[{"path": str(it.path), "kind": it.kind, "frames": it.n_frames, "decoded": it.decoded,
+                  "fps": it.fps, "selected": len(b), "holdout": len(h)}
+                 for it, b, h in zip(items, plan.bank_frames, plan.holdout_frames)],
+        count_warnings=[w for w in (check_counts(it) for it in items) if w],
+        fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
+    )
+    return meta
+
+
+def _finish_bank(cfg: AppConfig, bank_dir: Path, writer: BankWriter, meta: dict, signature: dict,
+                 bank_frames: BankFrames, device: torch.device) -> None:
+    """Write the bank's metadata and motion model, then its coreset (detector.gallery: coreset)."""
+    # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
+    # complete knn bank and is refused, by name, by a config asking for the coreset.
+    coreset_params = meta.pop("coreset", None)
+    motion_model = None
+    if cfg.detector.motion.enabled:
+        motion_cfg = cfg.detector.motion
+        motion_model = build_motion_model(np.concatenate(bank_frames.motion_features).astype(np.float32),
+                                          motion_cfg.window, motion_cfg.centres)
+        meta["motion"] = signature["motion"]
+    writer.finish(meta, motion_model)
+    if coreset_params is not None:
+        fit_coreset(cfg, bank_dir, writer, device)
+
+
+def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int]], bank_dir: Path,
+               extractor, device: torch.device, progress: bool, data, desc: str = "fit") -> dict:
+    """Fit one bank from `items`' `selected` frames (`data` names them in errors, `desc` in the progress bar):
+    plan -> read the footage into the bank and the holdout -> finish the bank -> calibrate on the holdout."""
     needs_flow = cfg.detector.needs_flow
-    if needs_flow:  # flow needs each selected frame's true predecessor t-1
-        wanted = [w | {f - 1 for f in w if f > 0} for w in wanted]
-    holdout = FrameSpool(bank_dir / "holdout.tmp", size)
-    hold_prev = FrameSpool(bank_dir / "holdout_prev.tmp", size) if needs_flow else None
+    plan = FitPlan.of(selected, cfg.bank.holdout, needs_flow)
+    if sum(map(len, plan.bank_frames)) == 0:
+        raise UserError(f"{data}: no frames selected for the bank (check bank.every / bank.max_frames)")
+    signature = bank_signature(cfg, extractor)
+    size = cfg.detector.input_size
+    writer = BankWriter(bank_dir, pixel_dim=extractor.pixel_dim, grid=cfg.detector.grid,
+                        global_dim=extractor.global_dim)
+    bank_frames = BankFrames(Detector(cfg, extractor, None, device), writer, cfg.detector.batch_size,
+                             keep_motion=cfg.detector.motion.enabled)
+    holdout = HoldoutFrames(bank_dir, size, needs_flow)
     try:  # the spools are temporary files: removed however fit ends
-        hold_items: list[int] = []
-        motion_feats: list[np.ndarray] = []
-        flow_medians: list[np.ndarray] = []  # bank frames' median cell flow (the moving gate's noise floor)
-        batch, origins, batch_prev = [], [], []
-        last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, resized frame)
-        bs = cfg.detector.batch_size
-
-        def flush():
-            stack = np.stack(batch)
-            pyr, glob = det.features(stack)
-            writer.append(pyr.cpu().numpy(), glob.cpu().numpy(), list(origins))
-            if needs_flow:
-                feats = det.motion_features(stack, prev_u8=list(batch_prev))
-                flow_medians.append(frame_flow_medians(feats, batch_prev))
-                if use_motion:
-                    motion_feats.append(feats.astype(np.float16))
-            batch.clear()
-            origins.clear()
-            batch_prev.clear()
-
-        trimmer = HeapTrimmer()
-        bar = tqdm(total=sum(map(len, wanted)), desc=desc, unit="frame", disable=not progress, dynamic_ncols=True)
-        try:
-            for i, f, small in _frames(items, wanted, size):
-                prev = last.get(i)
-                prev_img = prev[1] if prev is not None and prev[0] == f - 1 else None
-                last[i] = (f, small)
-                if f in hold_sets[i]:
-                    holdout.append(small)
-                    if hold_prev is not None:
-                        hold_prev.append(prev_img)
-                    hold_items.append(i)
-                elif f in bank_sets[i]:
-                    batch.append(small)
-                    batch_prev.append(prev_img)
-                    origins.append((i, f))
-                    if len(batch) >= bs:
-                        flush()
-                        trimmer.maybe()
-                bar.update(1)
-            if batch:
-                flush()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-        warnings = [w for w in (check_counts(it) for it in items) if w]
-        meta = dict(signature)
-        meta.update(
-            weights_origin=detector_extractor.weights_origin,
-            layers="blocks 1-3 (strides 4, 8, 16)",
-            sources=[{"path": str(it.path), "kind": it.kind, "frames": it.n_frames, "decoded": it.decoded,
-                      "fps": it.fps, "selected": len(b), "holdout": len(h)}
-                     for it, b, h in zip(items, bank_idx, hold_idx)],
-            count_warnings=warnings,
-            fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
-        )
-        # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
-        # complete knn bank and is refused, by name, by a config asking for the coreset.
-        coreset_params = meta.pop("coreset", None)
-        motion_model = None
-        if use_motion:
-            mc = cfg.detector.motion
-            motion_model = build_motion_model(np.concatenate(motion_feats).astype(np.float32), mc.window, mc.centres)
-            meta["motion"] = signature["motion"]
-        writer.finish(meta, motion_model)
-        if coreset_params is not None:
-            fit_coreset(cfg, bank_dir, writer, device)
+        _read_footage(items, plan, size, bank_frames, holdout, progress, desc)
+        _finish_bank(cfg, bank_dir, writer, _bank_meta(cfg, signature, extractor, items, plan), signature,
+                     bank_frames, device)
         bank = open_bank(bank_dir)
         meta = bank.meta
         fps = float(np.median([it.fps for it in items])) if items else 25.0
-        if holdout:
-            det = Detector(cfg, detector_extractor, bank, device)
-            medians = np.concatenate(flow_medians) if flow_medians else None
-            meta["calibration"] = calibrate(det, holdout, fps, cfg, hold_prev, hold_items, medians)
+        if len(holdout.frames):
+            det = Detector(cfg, extractor, bank, device)
+            meta["calibration"] = calibrate(det, holdout.frames, fps, cfg, holdout.previous, holdout.items,
+                                            bank_frames.all_flow_medians())
         else:
             log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
             meta["calibration"] = {}
-            if flow_medians:  # moving_max needs only the noise floor, which bank frames give as well
-                meta["calibration"]["flow_noise"] = flow_noise(np.concatenate(flow_medians))
+            if bank_frames.flow_medians:  # moving_max needs only the noise floor, which bank frames give as well
+                meta["calibration"]["flow_noise"] = flow_noise(bank_frames.all_flow_medians())
         write_meta(bank_dir, meta)
         return meta
     finally:
-        for spool in (holdout, hold_prev):
-            if spool is not None:
-                spool.close()
+        holdout.close()
 
 
 def fit_coreset(cfg: AppConfig, bank_dir: Path, writer: BankWriter, device: torch.device) -> dict:
@@ -233,25 +303,8 @@ def fit_coreset(cfg: AppConfig, bank_dir: Path, writer: BankWriter, device: torc
     return write_coreset(bank_dir, feats, index, cc.model_dump(mode="json"), stats)
 
 
-tail_threshold = framescore.tail_threshold  # kept here for callers that import it from fit
-
-
-def scoring_settings(cfg: AppConfig) -> dict:
-    """Detector settings that change held-out scores: thresholds calibrated under others do not apply."""
-    d = cfg.detector
-    out = {"k_image": d.k_image, "k_gallery": d.k_gallery, "kappa": d.kappa, "sigma": d.sigma, "topq": d.topq,
-           "spatial_window": d.spatial_window, "motion_weight": d.motion.weight if d.motion.enabled else None}
-    if "moving_max" in d.components_used():  # only then, so thresholds calibrated before it still match
-        out["moving"] = d.moving.model_dump(mode="json") | {"flow_size": d.motion.flow_size,
-                                                            "preset": d.motion.preset}
-    if d.gallery == "coreset":  # only then, so thresholds calibrated before the option existed still match
-        out["gallery"] = "coreset"
-        out["coreset"] = d.coreset.model_dump(mode="json")
-    return out
-
-
-def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConfig,
-              prev: list[np.ndarray | None] | None = None, items: list[int] | None = None,
+def calibrate(det: Detector, holdout: FrameSpool | list[np.ndarray], fps: float, cfg: AppConfig,
+              prev: FrameSpool | list[np.ndarray | None] | None = None, items: list[int] | None = None,
               flow_medians: np.ndarray | None = None) -> dict:
     """Score held-out normal frames against the finished bank; store what thresholds need.
 
@@ -260,67 +313,104 @@ def calibrate(det: Detector, holdout: list[np.ndarray], fps: float, cfg: AppConf
 
     Stores per-component statistics and, since bank format 2, the component values of every held-out
     frame in time order, so the detector can calibrate any frame score / smoothing when it loads.
+    Steps: flow and noise floor -> score (offline path, uncalibrated) -> pixel threshold -> frame statistics.
     """
-    comps_all: dict[str, list[np.ndarray]] = {}
-    app_px, mot_px = [], []
-    bs = cfg.detector.batch_size
-    det.bank.calibration = {}
-    trimmer = HeapTrimmer()
+    det.bank.calibration = {}  # scored uncalibrated: no pixel normalisation, no calibrated pixel threshold
+    batch_size = cfg.detector.batch_size
     flows, noise = None, None
-    if prev is not None and det.flow is not None:  # flow first: the moving gate needs the noise floor
-        flows, medians = [], [] if flow_medians is None else [np.asarray(flow_medians, dtype=np.float32)]
-        for s in range(0, len(holdout), bs):
-            before = prev[s:s + bs]
-            flows.append(det.motion_features(np.stack(holdout[s:s + bs]), prev_u8=before))
-            medians.append(frame_flow_medians(flows[-1], before))
-        noise = flow_noise(np.concatenate(medians))
+    if prev is not None and det.flow_extractor is not None:  # flow first: the moving gate needs the noise floor
+        flows, noise = _holdout_flow(det, holdout, prev, batch_size, flow_medians)
         det.set_flow_noise(noise)
-    for j, s in enumerate(range(0, len(holdout), bs)):
-        trimmer.maybe()
-        stack = np.stack(holdout[s:s + bs])
-        pyr, glob = det.features(stack)
-        out, comps = det.score_tensors(pyr, glob, flows[j] if flows is not None else None)
-        for k, v in comps.items():
-            comps_all.setdefault(k, []).append(v)
-        app = out.appearance_maps if out.appearance_maps is not None else out.maps
-        # Copies, not strided views: a view would keep each batch's full-size maps alive.
-        app_px.append(np.ascontiguousarray(app[:, ::4, ::4].float().cpu().numpy()))
-        if out.motion_maps is not None:
-            mot_px.append(np.ascontiguousarray(out.motion_maps[:, ::4, ::4].float().cpu().numpy()))
-    q = cfg.bank.pixel_quantile
-    app_maps = np.concatenate(app_px)
-    norm = None
-    final = app_maps
-    if mot_px:
-        mot_maps = np.concatenate(mot_px)
-        norm = {"appearance": {"mean": float(app_maps.mean()), "q": float(np.quantile(app_maps, q))},
-                "motion": {"mean": float(mot_maps.mean()), "q": float(np.quantile(mot_maps, q))}}
-        det.bank.calibration = {"pixel_norm": norm}
-        final = det.combine_maps(torch.from_numpy(app_maps), torch.from_numpy(mot_maps)).numpy()
-    pixel_threshold = float(np.quantile(final, q))
-    seqs = {k: np.concatenate(v).astype(np.float64) for k, v in comps_all.items()}
-    seqs["regions"] = framescore.region_scores(final, pixel_threshold, stride=1)
+    scored = _score_holdout(det, holdout, flows, batch_size)
+    pixels = _pixel_calibration(scored, cfg.bank.pixel_quantile, cfg.detector.motion.weight)
+    sequences = {k: np.concatenate(v).astype(np.float64) for k, v in scored.components.items()}
+    sequences["regions"] = framescore.region_scores(pixels.final_maps, pixels.threshold, stride=1)
     rate = cfg.bank.target_false_alarms_per_hour
-    frame = {}
-    for k, v in seqs.items():
-        frame[k] = framescore.stats_of(v) | {"threshold": tail_threshold(v, rate, fps)}
-    comb = framescore.combine(seqs, list(cfg.detector.combine), frame)
-    frame["combined"] = framescore.stats_of(comb) | {"threshold": tail_threshold(comb, rate, fps)}
+    final = pixels.final_maps
     cal = {
         "n_holdout": len(holdout),
         "fps": fps,
         "target_false_alarms_per_hour": rate,
-        "pixel_quantile": q,
-        "pixel_threshold": pixel_threshold,
+        "pixel_quantile": cfg.bank.pixel_quantile,
+        "pixel_threshold": pixels.threshold,
         "pixel_stats": {"mean": float(final.mean()), "std": float(final.std()), "max": float(final.max())},
-        "frame": frame,
+        "frame": _frame_statistics(sequences, list(cfg.detector.combine), rate, fps),
         "holdout_items": [int(i) for i in (items if items is not None else [0] * len(holdout))],
-        "holdout_components": {k: [round(float(x), 6) for x in v] for k, v in seqs.items()},
+        "holdout_components": {k: [round(float(x), 6) for x in v] for k, v in sequences.items()},
     }
-    if norm is not None:
-        cal["pixel_norm"] = norm
+    if pixels.norm is not None:
+        cal["pixel_norm"] = pixels.norm
     if noise is not None:
         cal["flow_noise"] = noise
     cal["scoring"] = scoring_settings(cfg)
     det.bank.calibration = cal
     return cal
+
+
+def _holdout_flow(det: Detector, holdout, prev, batch_size: int,
+                  flow_medians: np.ndarray | None) -> tuple[list[np.ndarray], float]:
+    """Each held-out batch's flow cell features against its true predecessors, and the flow noise floor of
+    the held-out frames plus the bank frames' `flow_medians`."""
+    flows: list[np.ndarray] = []
+    medians = [] if flow_medians is None else [np.asarray(flow_medians, dtype=np.float32)]
+    for s in range(0, len(holdout), batch_size):
+        before = prev[s:s + batch_size]
+        flows.append(det.flow_features(np.stack(holdout[s:s + batch_size]), previous=before))
+        medians.append(frame_flow_medians(flows[-1], before))
+    return flows, flow_noise(np.concatenate(medians))
+
+
+@dataclass
+class HoldoutScores:
+    components: dict[str, list[np.ndarray]]  # component -> one array per batch
+    appearance_maps: np.ndarray  # [N, S/4, S/4] every 4th pixel of the appearance maps
+    motion_maps: np.ndarray | None  # likewise of the motion maps (None: no motion model)
+
+
+def _score_holdout(det: Detector, holdout, flows: list[np.ndarray] | None, batch_size: int) -> HoldoutScores:
+    """The held-out frames through the offline path, batch by batch: their components and subsampled maps."""
+    components: dict[str, list[np.ndarray]] = {}
+    appearance, motion = [], []
+    trimmer = HeapTrimmer()
+    for j, s in enumerate(range(0, len(holdout), batch_size)):
+        trimmer.maybe()
+        out, batch_components = det.score_offline(np.stack(holdout[s:s + batch_size]),
+                                                  flows[j] if flows is not None else None)
+        for k, v in batch_components.items():
+            components.setdefault(k, []).append(v)
+        app = out.appearance_maps if out.appearance_maps is not None else out.maps
+        # Copies, not strided views: a view would keep each batch's full-size maps alive.
+        appearance.append(np.ascontiguousarray(app[:, ::4, ::4].float().cpu().numpy()))
+        if out.motion_maps is not None:
+            motion.append(np.ascontiguousarray(out.motion_maps[:, ::4, ::4].float().cpu().numpy()))
+    return HoldoutScores(components, np.concatenate(appearance), np.concatenate(motion) if motion else None)
+
+
+@dataclass
+class PixelCalibration:
+    final_maps: np.ndarray  # the held-out final pixel maps (subsampled)
+    threshold: float  # their `pixel_quantile`
+    norm: dict | None  # the appearance and motion maps' normalisation (None: no motion)
+
+
+def _pixel_calibration(scored: HoldoutScores, quantile: float, motion_weight: float) -> PixelCalibration:
+    """The pixel threshold: the held-out final maps' quantile, after normalising appearance and motion."""
+    app_maps = scored.appearance_maps
+    norm = None
+    final = app_maps
+    if scored.motion_maps is not None:
+        mot_maps = scored.motion_maps
+        norm = {"appearance": {"mean": float(app_maps.mean()), "q": float(np.quantile(app_maps, quantile))},
+                "motion": {"mean": float(mot_maps.mean()), "q": float(np.quantile(mot_maps, quantile))}}
+        final = combine_maps(torch.from_numpy(app_maps), torch.from_numpy(mot_maps), norm, motion_weight).numpy()
+    return PixelCalibration(final, float(np.quantile(final, quantile)), norm)
+
+
+def _frame_statistics(sequences: dict[str, np.ndarray], combine: list[str], rate: float, fps: float) -> dict:
+    """Every component's held-out statistics and threshold, and those of their combination."""
+    frame = {}
+    for k, v in sequences.items():
+        frame[k] = framescore.stats_of(v) | {"threshold": framescore.tail_threshold(v, rate, fps)}
+    combined = framescore.combine(sequences, combine, frame)
+    frame["combined"] = framescore.stats_of(combined) | {"threshold": framescore.tail_threshold(combined, rate, fps)}
+    return frame

@@ -11,7 +11,6 @@ torch.pairwise_distance on 4-D tensors, which on current PyTorch reduces over th
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.errors import UserError
+from detector.anomaly_map import upsample_blur_operator
 from detector.bank import MemoryBank
 
 # Elements of one [query cells x coreset features] block of the coreset search (64 MB in float32).
@@ -40,45 +40,6 @@ def squared_distances(q: torch.Tensor, ref: torch.Tensor, ref_sqnorm: torch.Tens
     return d.clamp_min_(0.0)
 
 
-def gaussian_kernel1d(sigma: float, device, dtype=torch.float32) -> torch.Tensor:
-    radius = max(1, int(math.ceil(4.0 * sigma)))  # scipy.ndimage's default truncate=4
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian on [B, H, W] with reflected borders (scipy.ndimage.gaussian_filter's mode)."""
-    if sigma <= 0:
-        return maps
-    k = gaussian_kernel1d(sigma, maps.device)
-    r = (k.numel() - 1) // 2
-    x = maps.unsqueeze(1)
-    h, w = x.shape[-2:]
-    if r < h and r < w:
-        x = F.pad(x, (r, r, 0, 0), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        x = F.pad(x, (0, 0, r, r), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, -1, 1))
-    else:  # tiny maps: replicate padding is always defined
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-        x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-    return x.squeeze(1)
-
-
-def upsample_blur_operator(g: int, size: int, sigma: float, device) -> torch.Tensor:
-    """[size, g]: the 1-D bilinear upsampling (align_corners=False) followed by the 1-D Gaussian with
-    reflected borders, i.e. one axis of F.interpolate + gaussian_blur, as a matrix."""
-    eye = torch.eye(g, dtype=torch.float64, device=device)
-    up = F.interpolate(eye.view(g, 1, 1, g), size=(1, size), mode="bilinear", align_corners=False).view(g, size)
-    if sigma > 0:
-        k = gaussian_kernel1d(sigma, device, torch.float64)
-        r = (k.numel() - 1) // 2
-        mode = "reflect" if r < size else "replicate"
-        up = F.conv1d(F.pad(up.unsqueeze(1), (r, r), mode=mode), k.view(1, 1, -1)).squeeze(1)
-    return up.T.contiguous().float()
-
-
 @dataclass
 class SpadeOutput:
     image_scores: torch.Tensor  # [B] mean squared distance to the k_image nearest frames
@@ -86,14 +47,6 @@ class SpadeOutput:
     maps: torch.Tensor  # [B, S, S] float32 anomaly maps at the input resolution (the final pixel map)
     appearance_maps: torch.Tensor | None = None  # [B, S, S] SPADE's map when `maps` also holds motion
     motion_maps: torch.Tensor | None = None  # [B, S, S] distance to normal flow here (flow px / frame)
-
-
-def window_mask(grid: int, radius: int, device) -> torch.Tensor:
-    """bool [g*g, g*g]: True where two cells are at most `radius` cells apart (Chebyshev distance)."""
-    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    y, x = yy.reshape(-1), xx.reshape(-1)
-    near = ((y[:, None] - y[None, :]).abs() <= radius) & ((x[:, None] - x[None, :]).abs() <= radius)
-    return near.to(device)
 
 
 # `auto` keeps the pixel bank on the device only when it takes at most this share of the GPU's free

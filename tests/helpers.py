@@ -66,14 +66,28 @@ def base_cfg(**pipeline):
 
 
 class DetectorThreadOnly:
-    """A detector offering score_frames only: without prepare / flow_tracker the pipeline makes the model
-    inputs and the optical flow on the detector thread instead of the source threads."""
+    """The real detector (a detector.contract.LiveDetector) that prepares nothing on the source threads:
+    `prepare` gives None and there is no flow tracker, so the model inputs and the optical flow are made
+    on the detector thread (in `score_batch`) instead. Every frame component is computed."""
 
     def __init__(self, det):
-        self.det, self.pixel_threshold = det, det.pixel_threshold
+        self.det = det
 
-    def score_frames(self, frames):
-        return self.det.score_frames(frames)
+    @property
+    def source_fps(self) -> float:
+        return self.det.source_fps
+
+    def prepare(self, picture):
+        return None
+
+    def flow_tracker(self):
+        return None
+
+    def warm_up(self, batch):
+        self.det.warm_up(batch)
+
+    def score_batch(self, frames):
+        return self.det.score_batch(frames, all_components=True)
 
 
 def run(cfg, bank, out, sources, duration=None, detector=None):

@@ -6,7 +6,7 @@ import pytest
 
 from configs.errors import UserError
 from configs.schema import SourceConfig
-from detector.cameras import CameraDetectors
+from detector.cameras import BankRouter
 from detector.detector import Detector
 from detector.fit import fit_bank
 from stream.avio import VideoInput
@@ -42,7 +42,7 @@ def cfg_with(sources):
 def test_each_camera_is_scored_against_its_own_bank(env, other_bank):
     cfg = cfg_with([SourceConfig(name="a", url=str(env / "clip.mp4")),
                     SourceConfig(name="b", url=str(other_bank / "clip.mp4"), bank=str(other_bank / "bank"))])
-    dets = CameraDetectors.load(cfg, env / "bank")
+    dets = BankRouter.for_cameras(cfg, env / "bank")
     assert len(dets.detectors) == 2 and dets.detector_for("a").extractor is dets.detector_for("b").extractor
     a = clip_frames(env / "clip.mp4", "a", dets.prepare)
     b = clip_frames(other_bank / "clip.mp4", "b", dets.prepare)
@@ -67,10 +67,10 @@ def test_each_camera_is_scored_against_its_own_bank(env, other_bank):
 def test_a_camera_without_a_bank_is_refused_by_name(env):
     cfg = cfg_with([SourceConfig(name="gate", url=str(env / "clip.mp4"))])
     with pytest.raises(UserError, match="gate.*no memory bank"):
-        CameraDetectors.load(cfg, None)
+        BankRouter.for_cameras(cfg, None)
     cfg.sources[0].bank = str(env / "missing_bank")
     with pytest.raises(UserError, match="camera gate: .*missing_bank"):
-        CameraDetectors.load(cfg, None)
+        BankRouter.for_cameras(cfg, None)
 
 
 def test_camera_bank_option(env):

@@ -15,6 +15,7 @@ from detector.bank import CORESET, PIXEL, BankWriter, open_bank, write_coreset
 from detector.detector import Detector
 from detector.fit import fit_bank
 from detector.spade import SpadeScorer
+from evaluation.run import score_video_batch
 from tests.test_bank import small_cfg, write_video
 from tests.test_spade import check_ranked
 
@@ -165,7 +166,7 @@ def test_fit_with_coreset_loads_and_scores(fitted, videos):
     np.testing.assert_array_equal(bank.coreset, np.asarray(bank.pixel_features)[bank.coreset_index[:, 0],
                                                                                 bank.coreset_index[:, 1]])
     det = Detector.load(coreset_cfg(), bank_dir)
-    assert det.scorer.coreset is not None and np.isfinite(det.pixel_threshold)
+    assert det.scorer.coreset is not None and np.isfinite(det.thresholds.pixel)
     # a bank frame: its cells in the coreset are at distance ~0 (fp16 rounding), the others are not
     f = int(bank.coreset_index[0, 0])
     pyr = torch.from_numpy(np.asarray(bank.pixel_features[f], dtype=np.float32).T.reshape(1, -1, 8, 8))
@@ -178,7 +179,7 @@ def test_fit_with_coreset_loads_and_scores(fitted, videos):
 
     with av.open(str(videos / "a.mp4")) as c:
         img = next(c.decode(video=0)).to_ndarray(format="rgb24")
-    out, comps, scores = det.score_images([img])
+    out, comps, scores = score_video_batch(det, "default", [img], None)
     assert out.maps.shape == (1, 64, 64) and np.isfinite(scores).all()
 
 

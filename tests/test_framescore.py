@@ -52,7 +52,7 @@ def test_false_alarm_rate_counts_rising_edges_in_normal_stretches():
 
 def test_threshold_follows_frame_score_and_smoothing(tmp_path):
     """The calibrated threshold is computed from the stored held-out sequences for the configured score."""
-    from detector.detector import Detector
+    from detector.thresholds import Thresholds
 
     class FakeBank:
         directory = tmp_path
@@ -64,9 +64,7 @@ def test_threshold_follows_frame_score_and_smoothing(tmp_path):
 
     def thr(**det):
         cfg = configs.parse({"detector": {"smooth_window": 1, **det}})
-        d = Detector.__new__(Detector)
-        d.cfg, d.dcfg, d.bank, d._frame_cal = cfg, cfg.detector, FakeBank(), None
-        return d.frame_threshold
+        return Thresholds(cfg, FakeBank()).frame
 
     t_max = thr(frame_score="map_max")
     assert 13 < t_max < 16  # mean 10, std 1, z ~ 4.3

@@ -32,9 +32,9 @@ def frames_of(images, camera="cam", prepare=None):
     return [Frame(camera, i, i / 24.0, img, prepare(Picture(img)) if prepare else None) for i, img in enumerate(images)]
 
 
-def test_score_batch_equals_score_frames_and_skips_unused_components(env, images):
+def test_live_batch_equals_all_components_batch_and_skips_unused_components(env, images):
     det = Detector.load(base_cfg(), env / "bank")
-    ref = det.score_frames(frames_of(images[:16]))
+    ref = det.score_batch(frames_of(images[:16]), all_components=True).results()
     det.reset()
     batch = det.score_batch(frames_of(images[:16], prepare=det.prepare))
     live = batch.results()
@@ -60,7 +60,7 @@ def test_score_batch_keeps_costly_components_the_frame_score_reads(env, images):
 def test_prepared_inputs_are_the_batch_resize(env, images):
     det = Detector.load(base_cfg(), env / "bank")
     fr = frames_of(images[:5], prepare=det.prepare)
-    np.testing.assert_array_equal(det.model_inputs(fr), resize_batch(images[:5], det.dcfg.input_size))
+    np.testing.assert_array_equal(det.model_inputs(fr), resize_batch(images[:5], det.detector_cfg.input_size))
     np.testing.assert_array_equal(det.model_inputs(frames_of(images[:5])), det.model_inputs(fr))
 
 

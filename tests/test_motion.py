@@ -5,6 +5,7 @@ import torch
 
 import configs
 from detector.motion import FlowExtractor, MotionScorer, build_motion_model, kcenter, window_candidates
+from evaluation.run import score_video_batch
 from stream.frame import Frame
 
 G = 8
@@ -98,16 +99,16 @@ def test_detector_keeps_previous_frame_per_camera(motion_bank):
 
     cfg, bank = motion_bank
     det = Detector.load(cfg, bank)
-    assert det.bank.motion_model is not None and "motion_max" in det.calibration["holdout_components"]
+    assert det.bank.motion_model is not None and "motion_max" in det.thresholds.calibration["holdout_components"]
     right = [scene(10), scene(13)]  # normal direction and speed
     left = [scene(13), scene(10)]  # the same square walking the wrong way
     fr = lambda cam, i, img: Frame(cam, i, float(i), img)  # noqa: E731
     # interleaved cameras: each camera's flow must come from its own previous frame
-    r = det.score_frames([fr("A", 0, right[0]), fr("B", 0, left[0]), fr("A", 1, right[1]), fr("B", 1, left[1])])
+    r = det.score_batch([fr("A", 0, right[0]), fr("B", 0, left[0]), fr("A", 1, right[1]), fr("B", 1, left[1])], all_components=True).results()
     a1, b1 = r[2].components["motion_max"], r[3].components["motion_max"]
     assert r[0].components["motion_max"] == pytest.approx(r[1].components["motion_max"])  # first: no flow
     assert b1 > 10 * a1 + 0.3, (a1, b1)  # map values are blurred: the peak is below the cell distance
     # explicit previous frames (offline eval with --every N) give the same evidence and leave state alone
-    _, comps, _ = det.score_images([left[1]], camera_id="C", prev_images=[left[0]])
+    _, comps, _ = score_video_batch(det, "C", [left[1]], [left[0]])
     assert comps["motion_max"][0] == pytest.approx(b1, rel=1e-4)
-    assert "C" not in det._prev
+    assert "C" not in det.camera_states.previous

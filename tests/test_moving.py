@@ -92,6 +92,18 @@ def novel(img: np.ndarray, x: int, y: int = 44) -> np.ndarray:
     return out
 
 
+def results_of(det, frames):
+    """The live path's results of a batch, every frame component computed."""
+    return det.score_batch(frames, all_components=True).results()
+
+
+def components_of(det, images, camera_id):
+    """The offline path's frame components of consecutive images of one camera (eval's way)."""
+    from evaluation.run import score_video_batch
+
+    return score_video_batch(det, camera_id, images, None)[1]
+
+
 def test_fit_measures_noise_floor_and_calibrates_moving_max(moving_bank):
     from detector.detector import Detector
 
@@ -101,7 +113,7 @@ def test_fit_measures_noise_floor_and_calibrates_moving_max(moving_bank):
     assert "moving_max" in cal["holdout_components"] and "moving" in cal["scoring"]
     det = Detector.load(cfg, bank)
     assert det.moving_gate is not None and det.bank.motion_model is None  # flow without the motion model
-    assert np.isfinite(det.frame_threshold)
+    assert np.isfinite(det.thresholds.frame)
 
 
 def test_novel_appearance_counts_fully_only_where_it_moves(moving_bank):
@@ -110,8 +122,8 @@ def test_novel_appearance_counts_fully_only_where_it_moves(moving_bank):
     cfg, bank, _ = moving_bank
     det = Detector.load(cfg, bank)
     bg = scene(40)  # the normal square parked at the right edge
-    still = det.score_images([novel(bg, 8), novel(bg, 8)], camera_id="still")[1]
-    moved = det.score_images([novel(bg, 8), novel(bg, 14)], camera_id="moved")[1]
+    still = components_of(det, [novel(bg, 8), novel(bg, 8)], camera_id="still")
+    moved = components_of(det, [novel(bg, 8), novel(bg, 14)], camera_id="moved")
     # the same unseen patch: equal appearance evidence, but only the moving one keeps its full weight
     assert moved["map_max"][1] == pytest.approx(still["map_max"][1], rel=0.2)
     assert still["moving_max"][1] == pytest.approx(0.5 * still["map_max"][1], rel=0.05)
@@ -131,7 +143,7 @@ def test_bank_without_noise_floor_is_refused_by_name(footage):
 
 
 def test_scoring_settings_unchanged_without_moving_max():
-    from detector.fit import scoring_settings
+    from detector.thresholds import scoring_settings
 
     assert "moving" not in scoring_settings(configs.parse({"detector": {"frame_score": "map_max"}}))
     assert scoring_settings(small_cfg(frame_score="moving_max"))["moving"]["static_weight"] == 0.5
@@ -146,7 +158,7 @@ def test_bank_without_holdout_still_measures_noise_floor(footage):
     meta = fit_bank(cfg, footage / "normal", footage / "bank_nohold", progress=False)
     assert set(meta["calibration"]) == {"flow_noise"}  # bank frames give it; thresholds come from the config
     det = Detector.load(cfg, footage / "bank_nohold")
-    assert det.moving_gate is not None and det.frame_threshold == float("inf")
+    assert det.moving_gate is not None and det.thresholds.frame == float("inf")
 
 
 # -- flow on the source threads ---------------------------------------------------------------------------
@@ -189,20 +201,20 @@ def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
     cfg, bank, _ = moving_bank
     det = Detector.load(cfg, bank)
     imgs = [novel(scene(40), 8 + 3 * i) for i in range(6)]
-    own = det.score_frames([Frame("own", i, i / 24, im) for i, im in enumerate(imgs)])
+    own = results_of(det, [Frame("own", i, i / 24, im) for i, im in enumerate(imgs)])
     tr = det.flow_tracker()
-    assert isinstance(tr, FlowTracker) and tr.extractor is not det.flow  # its own DIS instance per source
+    assert isinstance(tr, FlowTracker) and tr.extractor is not det.flow_extractor  # its own DIS instance per source
     smalls = [det.prepare(Frame("src", i, 0.0, im).picture) for i, im in enumerate(imgs)]
     frames = [Frame("src", i, i / 24, im, small, tr(small)) for i, (im, small) in enumerate(zip(imgs, smalls))]
-    det._prev.clear()
-    theirs = det.score_frames(frames)
-    assert "src" not in det._prev  # the detector's own flow state was not needed
+    det.camera_states.previous.clear()
+    theirs = results_of(det, frames)
+    assert "src" not in det.camera_states.previous  # the detector's own flow state was not needed
     np.testing.assert_allclose([r.components["moving_max"] for r in theirs],
                                [r.components["moving_max"] for r in own], rtol=1e-5)
     assert theirs[3].components["moving_max"] > 0.9 * theirs[3].components["map_max"]  # the patch moves
     # a batch mixing frames with and without source flow: each frame gets the same evidence either way
     det.reset()
-    mixed = det.score_frames([frames[0], Frame("own", 1, 1 / 24, imgs[1])] + frames[1:3])
+    mixed = results_of(det, [frames[0], Frame("own", 1, 1 / 24, imgs[1])] + frames[1:3])
     assert mixed[0].components["moving_max"] == pytest.approx(own[0].components["moving_max"], rel=1e-5)
     assert mixed[3].components["moving_max"] == pytest.approx(own[2].components["moving_max"], rel=1e-5)
 
@@ -220,15 +232,15 @@ def test_a_new_sequence_restarts_flow_and_smoothing(moving_bank):
     imgs = [novel(scene(40), 8 + 3 * i) for i in range(8)]
     # pass 0: frames 0-3; pass 1 restarts with frame 4's picture; indices continue, as a looped file's do
     frames = [Frame("cam", i, i / 24, im, sequence=int(i >= 4)) for i, im in enumerate(imgs)]
-    alone = det.score_frames(frames[4:6])  # what pass 1 scores as a camera seen for the first time
+    alone = results_of(det, frames[4:6])  # what pass 1 scores as a camera seen for the first time
     det.reset()
-    both = det.score_frames(frames[:2]) + det.score_frames(frames[2:6])  # the change falls inside a batch
+    both = results_of(det, frames[:2]) + results_of(det, frames[2:6])  # the change falls inside a batch
     assert [r.score for r in both[4:]] == pytest.approx([r.score for r in alone], rel=1e-5)
     assert both[4].components["moving_max"] == pytest.approx(alone[0].components["moving_max"], rel=1e-5)
     assert both[4].components["moving_max"] == pytest.approx(0.5 * both[4].components["map_max"], rel=1e-4)
     # without the sequence number the same frames are smoothed across the change and get flow from frame 3
     det.reset()
     plain = [Frame("cam", f.index, f.timestamp, f.picture) for f in frames]
-    joined = det.score_frames(plain[:2]) + det.score_frames(plain[2:6])
+    joined = results_of(det, plain[:2]) + results_of(det, plain[2:6])
     assert joined[4].score != pytest.approx(alone[0].score, rel=1e-3)
     assert joined[4].components["moving_max"] > 0.9 * joined[4].components["map_max"]

@@ -14,7 +14,7 @@ from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
 from app.pipeline import Pipeline
-from tests.helpers import ANOMALY, H, W, base_cfg, records, run, run_until
+from tests.helpers import ANOMALY, H, W, DetectorThreadOnly, base_cfg, records, run, run_until
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 
 
@@ -97,16 +97,16 @@ def test_annotated_video_has_every_frame(env, tmp_path):
     assert (frames[0].width, frames[0].height) == (W, H)
 
 
-class SlowDetector:
+class SlowDetector(DetectorThreadOnly):
     """The real detector plus a fixed delay per batch: a model slower than the camera."""
 
     def __init__(self, det, delay):
-        self.det, self.delay = det, delay
-        self.pixel_threshold = det.pixel_threshold
+        super().__init__(det)
+        self.delay = delay
 
-    def score_frames(self, frames):
+    def score_batch(self, frames):
         time.sleep(self.delay)
-        return self.det.score_frames(frames)
+        return super().score_batch(frames)
 
 
 def test_live_source_with_slow_detector_drops_and_latency_stays_bounded(env, tmp_path):

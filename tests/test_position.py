@@ -7,7 +7,8 @@ import torch
 
 import configs
 from detector.bank import MemoryBank
-from detector.spade import SpadeScorer, window_mask
+from detector.spade import SpadeScorer
+from tests.reference import window_mask
 
 G, C = 8, 4
 

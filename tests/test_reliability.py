@@ -20,7 +20,7 @@ import run_stream
 from configs.schema import SourceConfig
 from sinks import build_sinks
 from app.pipeline import Pipeline
-from tests.helpers import base_cfg, records, wait_for
+from tests.helpers import DetectorThreadOnly, base_cfg, records, wait_for
 from tests.servers import RedisServer, SilentTcpServer, redis_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,22 +29,21 @@ pytestmark = pytest.mark.timeout(300)
 
 
 
-class GatedDetector:
+class GatedDetector(DetectorThreadOnly):
     """The real detector; before scoring a batch that reaches frame `hold_at` it waits for `release`
     (the test decides when the file may go on: no reliance on the machine's speed)."""
 
     def __init__(self, det, hold_at=None):
-        self.det, self.hold_at = det, hold_at
-        self.pixel_threshold = det.pixel_threshold
-        self.calibration = det.calibration
+        super().__init__(det)
+        self.hold_at = hold_at
         self.release = threading.Event()
         self.holding = threading.Event()
 
-    def score_frames(self, frames):
+    def score_batch(self, frames):
         if self.hold_at is not None and max(f.index for f in frames) >= self.hold_at:
             self.holding.set()
             assert self.release.wait(120), "test never released the detector"
-        return self.det.score_frames(frames)
+        return super().score_batch(frames)
 
 
 # ------------------------------------------------------------------------------------------------

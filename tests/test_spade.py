@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from detector.bank import BankWriter, open_bank
-from detector.spade import SpadeScorer, gaussian_blur, squared_distances
+from detector.spade import SpadeScorer, squared_distances
+from tests.reference import gaussian_blur
 
 
 def make_bank(tmp_path, n=12, c=7, g=4, d=9, seed=0):
