@@ -15,7 +15,8 @@ of the child, plus the parent's psutil polling of the child's RSS every 0.2 s as
 Reported per N: fit seconds (fit_bank only, imports and model build excluded; wall incl. them too),
 frames/s over all processed frames (bank + hold-out; hold-out frames are featurised and scored for
 calibration), bank frames/s, peak RSS MB, bank size on disk MB and KB per frame.
-Banks are deleted afterwards unless --keep (20,000 frames is ~7 GB with EfficientNet-Lite0 at grid 32).
+Banks are deleted afterwards unless --keep (a 20,000-frame bank takes several GB with EfficientNet-Lite0
+at grid 32: docs/results.md, "Fit speed and memory").
 
 Targets (issue 4): CPU fit >= 40 frames/s; 20,000 frames with peak RSS < 3 GB.
 

@@ -8,8 +8,9 @@
      and each --sizes coreset size, and of coreset scoring per frame for those sizes.
 
 The points of step 3 are random with a decaying spectrum like real patch features projected to 128-d
-(on the Avenue bank the top 32 of 128 principal axes carry 84 % of the variance), so the time of the
-principal-axes lower bound is realistic; real features can still differ. Exits 1 when a check fails.
+(real features concentrate their variance on the leading principal axes, which the lower bound relies on:
+docs/method.md, "PatchCore-style coreset gallery"), so the time of the principal-axes lower bound is
+realistic; real features can still differ. Exits 1 when a check fails.
 
 Usage:
   python benchmarks/coreset_check.py --device cuda --json benchmarks/gpu/coreset_check.json

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Frame-score and pixel-map variants recomputed from one pass of the product's detector (RESULTS.md 4f).
+"""Frame-score and pixel-map variants recomputed from one pass of the product's detector
+(docs/history.md, section 4f).
 
     python benchmarks/frame_evidence.py --data ../shared/data/avenue_stc --work /tmp/fe \
         --json benchmarks/cpu/frame_evidence.json

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""RSS of one `fit_bank` over time, with the C heap left alone or managed: what RESULTS.md section 3's
+"""RSS of one `fit_bank` over time, with the C heap left alone or managed: what docs/history.md, section 3's
 6,000-frame table measured.
 
   default   glibc as configured (note: `fit` itself now trims every 2 s; `default` disables that)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CPU micro-benchmarks behind the optimisation suggestions in RESULTS.md (section 2) (side by side, medians).
+"""CPU micro-benchmarks behind the optimisation suggestions in docs/history.md, section 2 (side by side,
+medians).
 
 Each case times variants of one stage alternately (A B A B ...) on the same inputs so machine load hits
 them alike; the ratio to the first (current) variant is what counts. Needs the clip bench_pipeline

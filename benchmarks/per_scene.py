@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One bank per camera against one pooled bank, on a multi-scene STC-layout set (RESULTS.md section 4e).
+"""One bank per camera against one pooled bank, on a multi-scene STC-layout set (docs/history.md, section 4e).
 
     python benchmarks/per_scene.py --out /tmp/per_scene --json benchmarks/cpu/per_scene.json
 

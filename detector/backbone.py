@@ -46,9 +46,11 @@ class EfficientNetTrunk(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.stem = nn.Sequential(model.conv_stem, model.bn1)
-        self.blocks = model.blocks
-        self.head = nn.Sequential(model.conv_head, model.bn2)
+        # get_submodule rather than attribute access: the same modules, typed as modules
+        sub = model.get_submodule
+        self.stem = nn.Sequential(sub("conv_stem"), sub("bn1"))
+        self.blocks = sub("blocks")
+        self.head = nn.Sequential(sub("conv_head"), sub("bn2"))
 
     def forward(self, x):
         x = self.stem(x)
@@ -64,8 +66,9 @@ class EfficientNetTrunk(nn.Module):
 class ResNetTrunk(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        self.layers = nn.ModuleList([model.layer1, model.layer2, model.layer3, model.layer4])
+        sub = model.get_submodule  # as in EfficientNetTrunk
+        self.stem = nn.Sequential(sub("conv1"), sub("bn1"), sub("relu"), sub("maxpool"))
+        self.layers = nn.ModuleList([sub("layer1"), sub("layer2"), sub("layer3"), sub("layer4")])
 
     def forward(self, x):
         x = self.stem(x)
@@ -194,6 +197,9 @@ def state_dict_digest(sd: dict) -> str:
 class FeatureExtractor(nn.Module):
     """Normalisation + trunk + pyramid resampling; input uint8 [B, S, S, 3] (RGB), any device."""
 
+    mean: torch.Tensor  # buffers registered in __init__ (nn.Module types attribute access Tensor | Module)
+    std: torch.Tensor
+
     def __init__(self, cfg: BackboneConfig, grid: int):
         super().__init__()
         if cfg.name not in SPECS:
@@ -250,9 +256,10 @@ class FeatureExtractor(nn.Module):
 
     def _run_trunk(self, x: torch.Tensor):
         # On a CPU a traced and frozen trunk folds every BatchNorm into its convolution and drops the
-        # per-module Python dispatch. fp32: 1.7x faster for EfficientNet-Lite0 on an AVX2 CPU, features equal
-        # to ~3e-6 (RESULTS section 2d). bf16 (traced under the caller's autocast): 1.2-1.6x faster on an
-        # AMX CPU, features as far from fp32 as eager bf16's and Avenue's AUROCs equal to 0.001 (section 2e).
+        # per-module Python dispatch, so it runs faster. fp32: features equal to the eager trunk's up to
+        # rounding. bf16 (traced under the caller's autocast): the folded weights are rounded to bf16, so
+        # features and AUROCs differ slightly from the eager bf16 trunk's. How much faster and how close:
+        # docs/results.md, "Precision and the frozen trunk" (docs/history.md, sections 2d and 2e).
         # On CUDA the eager trunk runs: not measured.
         if self.trunk_kind == "eager":
             return self.trunk(x)
@@ -262,8 +269,8 @@ class FeatureExtractor(nn.Module):
             with warnings.catch_warnings():
                 # timm's SAME padding reads the input size while tracing; the size is part of the key.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                # torch.jit is deprecated for torch.compile, which took 48 s here (2 cores) to reach the
-                # same speed; the pinned torch still has it.
+                # torch.jit is deprecated for torch.compile, whose compile took far longer than tracing
+                # (docs/history.md, section 2d); the pinned torch still has it.
                 warnings.simplefilter("ignore", FutureWarning)
                 with torch.no_grad():
                     frozen = torch.jit.freeze(torch.jit.trace(self.trunk, x, check_trace=False))

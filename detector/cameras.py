@@ -2,8 +2,8 @@
 (`sources[].bank`) and eval's test videos scored against their scene's bank (detector/scenes.py).
 
 Each fixed camera's normal footage is its own normal model: pooled into one bank, cameras share the
-coreset's budget and one set of thresholds (benchmarks/RESULTS.md 4e: a real camera lost 0.07 frame AUROC
-pooled with three others). One process still serves them all: the detectors share one backbone, each
+coreset's budget and one set of thresholds, and a real camera pooled with others lost frame AUROC
+(docs/history.md, section 4e). One process still serves them all: the detectors share one backbone, each
 live batch from the batcher is scored per bank, and the results come back in the batch's order.
 """
 from __future__ import annotations

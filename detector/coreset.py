@@ -30,9 +30,10 @@ import torch
 POINT_CHUNK = 1 << 16
 # Bank frames read per chunk of the projection pass.
 FRAME_CHUNK = 32
-# Leading principal coordinates used for the lower bound that decides which points need a full distance.
-# Measured on the Avenue bank (128-d projection): with 32, fewer than 1 % of the points pass the bound
-# after the first few hundred steps; with 16, about 5 %.
+# Leading principal coordinates used for the lower bound that decides which points need a full distance:
+# with 32 of the default 128 projected dimensions only a small share of the points pass the bound after
+# the first few hundred steps, and fewer coordinates let more through (docs/history.md, section 4,
+# "Coreset gallery").
 LOW_DIMS = 32
 # mind is kept as blocks of this many points with their maxima, so finding the farthest point reads the
 # block maxima and one block instead of all N values.

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Collection
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,8 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
         # How frames are shrunk to the model input (stream.picture): from the decoder's planes by swscale.
         "resize": RESIZE_METHOD,
     }
-    if extractor.precision == "bf16":  # only then: fp32's frozen and eager trunks agree to ~3e-6
+    if extractor.precision == "bf16":  # only then: fp32's frozen and eager trunks agree up to rounding
+        # (docs/results.md, "Precision and the frozen trunk")
         sig["bf16_trunk"] = extractor.trunk_kind
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
         sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
@@ -108,9 +109,9 @@ def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = mat
 
 def rank_dtype(setting: str, backbone_precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype SpadeScorer ranks candidates in (None: float32). 'auto' ranks in bf16 only on the CPU
-    with a bf16 backbone: there a bf16 product is ~8x faster than float32 and the features are
-    bf16-rounded anyway. On a GPU float32 stays: it is not the bottleneck there and GPU-vs-CPU checks
-    compare against it."""
+    with a bf16 backbone: there the bf16 product is much faster than float32 and the features are
+    bf16-rounded anyway (docs/results.md, "Precision and the frozen trunk"). On a GPU float32 stays: it is
+    not the bottleneck there and GPU-vs-CPU checks compare against it."""
     if setting == "auto":
         setting = "bf16" if backbone_precision == "bf16" and device.type == "cpu" else "fp32"
     return torch.bfloat16 if setting == "bf16" else None
@@ -301,7 +302,9 @@ class Detector:
         out = np.empty((len(frames), s, s, 3), dtype=np.uint8)
         for i, f in enumerate(frames):
             prepared = f.small
-            out[i] = prepared if prepared is not None and prepared.shape == (s, s, 3) else f.picture.scaled(s)
+            # Frame.__post_init__ wraps an RGB array given as `picture`, so it is always a Picture here
+            out[i] = prepared if prepared is not None and prepared.shape == (s, s, 3) else \
+                cast(Picture, f.picture).scaled(s)
         return out
 
     def _batch_flow(self, frames: Sequence[Frame], model_input: np.ndarray,

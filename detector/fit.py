@@ -162,6 +162,7 @@ class BankFrames:
         self.writer.append(pyramid.cpu().numpy(), global_features.cpu().numpy(), list(self._origins))
         if self.needs_flow:
             flow = self.det.flow_features(stack, previous=list(self._previous))
+            assert flow is not None, "needs_flow: the detector has a flow extractor"
             self.flow_medians.append(frame_flow_medians(flow, self._previous))
             if self.keep_motion:
                 self.motion_features.append(flow.astype(np.float16))
@@ -282,8 +283,9 @@ def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int
         else:
             log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
             meta["calibration"] = {}
-            if bank_frames.flow_medians:  # moving_max needs only the noise floor, which bank frames give as well
-                meta["calibration"]["flow_noise"] = flow_noise(bank_frames.all_flow_medians())
+            bank_medians = bank_frames.all_flow_medians()  # None when no bank frame's flow was computed
+            if bank_medians is not None:  # moving_max needs only the noise floor, which bank frames give as well
+                meta["calibration"]["flow_noise"] = flow_noise(bank_medians)
         write_meta(bank_dir, meta)
         return meta
     finally:
@@ -315,6 +317,7 @@ def calibrate(det: Detector, holdout: FrameSpool | list[np.ndarray], fps: float,
     frame in time order, so the detector can calibrate any frame score / smoothing when it loads.
     Steps: flow and noise floor -> score (offline path, uncalibrated) -> pixel threshold -> frame statistics.
     """
+    assert det.bank is not None, "calibration is stored in the detector's bank"
     det.bank.calibration = {}  # scored uncalibrated: no pixel normalisation, no calibrated pixel threshold
     batch_size = cfg.detector.batch_size
     flows, noise = None, None
@@ -355,7 +358,9 @@ def _holdout_flow(det: Detector, holdout, prev, batch_size: int,
     medians = [] if flow_medians is None else [np.asarray(flow_medians, dtype=np.float32)]
     for s in range(0, len(holdout), batch_size):
         before = prev[s:s + batch_size]
-        flows.append(det.flow_features(np.stack(holdout[s:s + batch_size]), previous=before))
+        flow = det.flow_features(np.stack(holdout[s:s + batch_size]), previous=before)
+        assert flow is not None, "called only for a detector with a flow extractor"
+        flows.append(flow)
         medians.append(frame_flow_medians(flows[-1], before))
     return flows, flow_noise(np.concatenate(medians))
 

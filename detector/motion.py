@@ -43,13 +43,14 @@ class FlowExtractor:
 
     def __init__(self, flow_size: int, grid: int, preset: str = "fast"):
         self.flow_size, self.grid = flow_size, grid
-        self.dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
+        self.dis = cv2.DISOpticalFlow.create(_PRESETS[preset])  # = DISOpticalFlow_create, which the stubs lack
 
     def gray(self, img_rgb: np.ndarray) -> np.ndarray:
         return to_gray(img_rgb, self.flow_size)
 
     def flow(self, prev_gray: np.ndarray, gray: np.ndarray) -> np.ndarray:
-        return self.dis.calc(prev_gray, gray, None)
+        # OpenCV accepts None for the output flow (it allocates it); its stubs type that argument as a Mat
+        return self.dis.calc(prev_gray, gray, None)  # type: ignore[call-overload]
 
     def cells(self, flow: np.ndarray) -> np.ndarray:
         mag = np.sqrt((flow ** 2).sum(-1, keepdims=True))
@@ -167,7 +168,12 @@ def flow_noise(frame_medians: np.ndarray) -> float:
     magnitude. Most cells of a fixed camera are static in most frames, so this is what static cells show
     (sensor noise, compression, flicker), in the camera's own resolution and frame rate."""
     m = np.asarray(frame_medians, dtype=np.float32)
-    return float(max(np.median(m), FLOW_NOISE_FLOOR)) if m.size else FLOW_NOISE_FLOOR
+    if not m.size:
+        return FLOW_NOISE_FLOOR
+    med = np.median(m)
+    # max(med, FLOW_NOISE_FLOOR) spelt out (the stubs type max's result too loosely for float()): the same
+    # comparison, made by numpy in float32
+    return FLOW_NOISE_FLOOR if FLOW_NOISE_FLOOR > med else float(med)
 
 
 class MovingGate:

@@ -48,6 +48,7 @@ def split_by_scene(names: list[str], setting: str | bool, stc_layout: bool) -> d
                         "(e.g. 01_001.avi); set bank.per_scene to auto or false")
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(scenes):
+        assert s is not None, "names without a scene were refused or returned {} above"
         groups.setdefault(s, []).append(i)
     return dict(sorted(groups.items(), key=lambda kv: int(kv[0])))
 

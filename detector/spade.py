@@ -108,7 +108,9 @@ class SpadeScorer:
         # in that dtype and only the winners' distances are computed exactly (see `pixel_distances`).
         self.rank_dtype = rank_dtype
         self._local = threading.local()  # per-thread product buffers (`_workspace`)
-        self.coreset = self.coreset_sqnorm = self.coreset_ranked = None
+        self.coreset: torch.Tensor | None = None
+        self.coreset_sqnorm: torch.Tensor | None = None
+        self.coreset_ranked: tuple[torch.Tensor, torch.Tensor] | None = None
         if gallery == "coreset":
             if bank.coreset is None:
                 raise UserError(f"{bank.directory}: detector.gallery is 'coreset' but this bank has no coreset "
@@ -150,8 +152,9 @@ class SpadeScorer:
         GEMM with the norms as bias, formed a few frames at a time in a reused buffer (`_products`). In
         float32, |q|^2 is then added to the kappa winners' values. With `rank_dtype` (bf16 on CPUs with
         native bf16) the ranking is rounded, which can only swap near-ties: on a real bank the winner
-        changed for 0.3-2.5 % of cells and the map moved by at most 3e-4 (relative L2), far below what the
-        bf16 backbone itself changes. The winners' distances are then taken exactly, never from the product.
+        changed for few cells and the map moved far less than the bf16 backbone itself changes it
+        (docs/results.md, "Precision and the frozen trunk"). The winners' distances are then taken exactly,
+        never from the product.
         """
         if self.coreset is not None:
             return self.coreset_distances(pyramid)
@@ -171,7 +174,7 @@ class SpadeScorer:
                    for s, e, prod in self._products(q, gal, bias)]
         else:
             rd = self.rank_dtype
-            gal = feats.float().to(rd)[inverse].reshape(b, n, c)  # float16 -> bf16 directly is ~10x slower
+            gal = feats.float().to(rd)[inverse].reshape(b, n, c)  # float16 -> bf16 directly is much slower
             flat = feats.reshape(-1, c)
             out = []
             for s, e, prod in self._products(q.to(rd), gal, bias.to(rd)):
@@ -186,8 +189,9 @@ class SpadeScorer:
 
     def _products(self, q: torch.Tensor, gal: torch.Tensor, bias: torch.Tensor):
         """Yields (start, end, |r|^2 - 2 q.r [end - start, M, N]) over chunks of the batch's frames, each
-        in the same buffer: a fresh 16-32 MB product per batch cost more in page faults (glibc maps and
-        unmaps buffers that large) than the GEMM itself. Each product is overwritten by the next."""
+        in the same buffer: a fresh product for the whole batch (tens of MB) cost more in page faults (glibc
+        maps and unmaps buffers that large) than the GEMM itself (docs/history.md, section 2e). Each product
+        is overwritten by the next."""
         b, m, n = q.shape[0], q.shape[1], gal.shape[1]
         step = max(1, PRODUCT_BLOCK // (m * n))
         buf = self._workspace(min(b, step) * m * n, q.dtype)
@@ -210,7 +214,7 @@ class SpadeScorer:
         """[..., M]: mean over the last axis of rows [..., M, kappa] of |q - ref[row]|, each difference
         taken directly (no |q|^2 + |r|^2 - 2 q.r cancellation); q: [..., M, C], ref: [R, C]."""
         win = ref.index_select(0, rows.reshape(-1)).view(*rows.shape, ref.shape[-1]).float()
-        # in place: the out-of-place difference took 4x longer here (0.50 vs 0.12 ms per frame)
+        # in place: the out-of-place difference was several times slower (docs/history.md, section 2e)
         return torch.linalg.vector_norm(win.sub_(q.unsqueeze(-2)), dim=-1).mean(-1)
 
     def _distances(self, best: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -227,10 +231,12 @@ class SpadeScorer:
         [cells x features] matrix stays bounded whatever the coreset size, ranked in `rank_dtype` (or float32)
         with a running kappa-best of row indices; the winners' distances are then taken exactly.
         """
+        coreset = self.coreset
+        assert coreset is not None, "gallery 'coreset' only"
         b, c, g, _ = pyramid.shape
         q = pyramid.float().flatten(2).transpose(1, 2).reshape(b * g * g, c)
         step = max(self.kappa, CORESET_BLOCK // max(q.shape[0], 1))
-        return self._exact_distances(q, self.coreset, self._rank_coreset(q, step)).reshape(b, g, g)
+        return self._exact_distances(q, coreset, self._rank_coreset(q, step)).reshape(b, g, g)
 
     def _rank_coreset(self, q: torch.Tensor, step: int) -> torch.Tensor:
         """[M, kappa] coreset rows of each query's kappa nearest features, ranked block by block in
@@ -239,21 +245,25 @@ class SpadeScorer:
         if self.rank_dtype is None:
             ref, sqn, q_r = self.coreset, self.coreset_sqnorm, q
         else:
+            assert self.coreset_ranked is not None, "set with rank_dtype"
             (ref, sqn), q_r = self.coreset_ranked, q.to(self.rank_dtype)
-        vals = idx = None
+        assert ref is not None and sqn is not None, "gallery 'coreset' only"
+        vals: torch.Tensor | None = None
+        idx: torch.Tensor | None = None
         for s, partial in self._coreset_products(q_r, ref, sqn, step):
             if k == 1:
                 cur_v, cur_i = partial.min(dim=1, keepdim=True)
             else:
                 cur_v, cur_i = torch.topk(partial, min(k, partial.shape[1]), dim=1, largest=False, sorted=False)
             cur_i = cur_i + s
-            if vals is None:
+            if vals is None or idx is None:  # set together: both None only before the first block
                 vals, idx = cur_v, cur_i
             else:
                 both_v, both_i = torch.cat([vals, cur_v], 1), torch.cat([idx, cur_i], 1)
                 pick = both_v.argmin(1, keepdim=True) if k == 1 else \
                     torch.topk(both_v, k, dim=1, largest=False, sorted=False).indices
                 vals, idx = both_v.gather(1, pick), both_i.gather(1, pick)
+        assert idx is not None, "a coreset has at least one feature"
         return idx
 
     def _coreset_products(self, q: torch.Tensor, ref: torch.Tensor, sqn: torch.Tensor, step: int):
@@ -273,6 +283,7 @@ class SpadeScorer:
         cell instead of k_gallery * grid^2, so it is also far cheaper than the global correspondence."""
         b, c, g, _ = pyramid.shape
         r = self.spatial_window
+        assert r is not None, "called only with a spatial window"
         q = pyramid.float().permute(0, 2, 3, 1).contiguous()  # [B, g, g, C]: reductions over contiguous C
         feats, inverse = self.gallery(neighbours)  # [U, g*g, C]
         u = feats.shape[0]

@@ -112,6 +112,7 @@ class Thresholds:
         if sequences:
             components = {k: np.asarray(v, dtype=np.float64) for k, v in sequences.items()}
             if name != "combined" and name not in components:
+                assert self.bank is not None, "calibrated sequences come from a bank"
                 raise UserError(f"{self.bank.directory}: frame_score {name!r} was not calibrated in this bank "
                                 "(fit it again with this config)")
             raw = self.frame_scores(components)

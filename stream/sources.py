@@ -169,7 +169,7 @@ class Source:
         cfg: SourceConfig,
         on_status: Optional[Callable[[StatusEvent], None]] = None,
         clock: Callable[[], float] = time.time,
-        prepare: Optional[Callable[[Picture], np.ndarray]] = None,
+        prepare: Optional[Callable[[Picture], Optional[np.ndarray]]] = None,
         decode_threads: int = 0,
         flow=None,
     ):

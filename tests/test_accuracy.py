@@ -29,7 +29,7 @@ def test_default_config_on_synthetic_set(synthetic, tmp_path):
     assert m["n_frames"] == 360
     # the coreset gallery measured pixel 0.998-0.999, frame 0.983-0.984 / 0.994-0.995 over three selection
     # seeds; the knn gallery 0.997 and 0.957 / 0.987, so the frame bounds fail if the default loses the
-    # coreset's gain (RESULTS.md 4d)
+    # coreset's gain (docs/history.md, section 4d)
     assert m["pixel_auroc"] >= 0.99, m
     assert m["frame_auroc_micro"] >= 0.97 and m["frame_auroc_macro"] >= 0.985, m
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -57,7 +57,7 @@ def test_default_config_on_avenue(avenue_root, tmp_path):
     fit_bank(cfg, avenue_root, tmp_path / "bank", progress=False)
     m = evaluate(cfg, avenue_root, tmp_path / "bank", tmp_path / "eval", every=5, progress=False, plots=False)
     assert m["n_frames"] == sum(len(range(0, n, 5)) for n in (36, 426, 294, 248, 273, 76))
-    # a sanity floor on real footage; the recorded figures live in benchmarks/RESULTS.md
+    # a sanity floor on real footage; the recorded figures live in docs/results.md
     assert m["pixel_auroc"] > 0.9 and m["frame_auroc_micro"] > 0.6, m
 
 

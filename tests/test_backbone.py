@@ -61,6 +61,6 @@ def test_bf16_frozen_trunk_is_batch_independent_and_close_to_eager():
     assert _rel(p1, pf[:1]) < 1e-3 and _rel(g1, gf[:1]) < 1e-3
     assert _rel(pf, pe) < 0.1 and _rel(gf, ge) < 0.1
     # a bf16 computation, somewhat farther from fp32 than eager bf16 (BatchNorm's scale is folded into weights
-    # that are then rounded): 1.3-1.4x on real frames, ~2.2x on these noise images; garbage would be ~1
+    # that are then rounded; how far: docs/results.md, "Precision and the frozen trunk"); garbage would be ~1
     assert _rel(pf, p32) < 3 * _rel(pe, p32) and _rel(gf, g32) < 3 * _rel(ge, g32)
     assert _rel(pf, p32) < 0.15 and _rel(gf, g32) < 0.15
