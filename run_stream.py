@@ -3,6 +3,7 @@
 
 The commands live in app/cli.py; `python run_stream.py --help` lists them.
 """
+
 from __future__ import annotations
 
 import sys

@@ -27,6 +27,7 @@ one, a same-origin Origin header. Every response carries a Content-Security-Poli
 script. Snapshots and clips are served only from the paths alert messages name (clips: the video sink's
 files of the alert's camera) and only under `--snapshots-root` / `--video-root`; without a root, none.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 from urllib.parse import parse_qs
 
 import redis
@@ -67,9 +67,11 @@ SESSION_COOKIE = "spade_session"
 CSRF_COOKIE = "spade_csrf"
 CSRF_HEADER = "x-csrf-token"
 MIN_TOKEN_LEN = 16
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-       "media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-       "frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -91,12 +93,12 @@ class ApiError(Exception):
 class ConsoleSettings:
     redis_url: str
     prefix: str = "spade"
-    token: Optional[str] = None
+    token: str | None = None
     bind: str = "127.0.0.1"
     port: int = 8080
-    snapshots_root: Optional[str] = None
-    video_root: Optional[str] = None
-    redis_password: Optional[str] = None
+    snapshots_root: str | None = None
+    video_root: str | None = None
+    redis_password: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -113,7 +115,7 @@ def _sid(s: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _num(x) -> Optional[float]:
+def _num(x) -> float | None:
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -132,7 +134,7 @@ class AlertIndex:
         self.key = f"{prefix}:alerts"
         self.alerts: dict[str, dict] = {}
         self._order: list[tuple[tuple[int, int], str]] = []  # (first stream id, alert_id), ascending
-        self.last_id: Optional[str] = None
+        self.last_id: str | None = None
         self._lock = asyncio.Lock()
         self._refreshed = 0.0
 
@@ -152,8 +154,9 @@ class AlertIndex:
             if self.last_id is not None:
                 newest = await self.r.xrevrange(self.key, "+", "-", count=1)
                 if not newest or _sid(newest[0][0]) < _sid(self.last_id):
-                    log.warning("%s was emptied or replaced (Redis restarted without its data?): "
-                                "re-reading it", self.key)
+                    log.warning(
+                        "%s was emptied or replaced (Redis restarted without its data?): re-reading it", self.key
+                    )
                     self._reset()
             while True:
                 lo = "-" if self.last_id is None else "(" + self.last_id
@@ -169,7 +172,7 @@ class AlertIndex:
             self._refreshed = time.monotonic()
             return changed
 
-    def _apply(self, sid: str, fields: dict) -> Optional[str]:
+    def _apply(self, sid: str, fields: dict) -> str | None:
         try:
             msg = json.loads(fields.get("data", ""))
             aid, typ = msg["alert_id"], msg["type"]
@@ -189,24 +192,39 @@ class AlertIndex:
         if key in a["seen"]:  # at-least-once delivery: a duplicate
             return None
         a["seen"].add(key)
-        a["history"].append({"id": sid, "type": typ, "frame_index": msg.get("frame_index"),
-                             "peak_score": msg.get("peak_score"), "reason": msg.get("reason")})
+        a["history"].append(
+            {
+                "id": sid,
+                "type": typ,
+                "frame_index": msg.get("frame_index"),
+                "peak_score": msg.get("peak_score"),
+                "reason": msg.get("reason"),
+            }
+        )
         if not a["ended"]:
             a["msg"] = msg
             a["ended"] = typ == "end"
         a["last_id"] = sid
         return aid
 
-    def summary(self, aid: str, verdict: Optional[dict] = None, detail: bool = False) -> dict:
+    def summary(self, aid: str, verdict: dict | None = None, detail: bool = False) -> dict:
         a = self.alerts[aid]
         m = a["msg"]
         out = {
-            "alert_id": aid, "camera": m.get("camera"), "state": "ended" if a["ended"] else "open",
-            "start_ts": _num(m.get("start_ts")), "end_ts": _num(m.get("end_ts")),
-            "start_media_ts": _num(m.get("start_media_ts")), "end_media_ts": _num(m.get("end_media_ts")),
-            "peak_score": _num(m.get("peak_score")), "reason": m.get("reason"),
-            "peak_regions": m.get("peak_regions") or [], "has_snapshot": bool(m.get("snapshot")),
-            "cursor": a["first_id"], "updated_id": a["last_id"], "messages": len(a["history"]),
+            "alert_id": aid,
+            "camera": m.get("camera"),
+            "state": "ended" if a["ended"] else "open",
+            "start_ts": _num(m.get("start_ts")),
+            "end_ts": _num(m.get("end_ts")),
+            "start_media_ts": _num(m.get("start_media_ts")),
+            "end_media_ts": _num(m.get("end_media_ts")),
+            "peak_score": _num(m.get("peak_score")),
+            "reason": m.get("reason"),
+            "peak_regions": m.get("peak_regions") or [],
+            "has_snapshot": bool(m.get("snapshot")),
+            "cursor": a["first_id"],
+            "updated_id": a["last_id"],
+            "messages": len(a["history"]),
             "verdict": verdict,
         }
         if detail:
@@ -214,15 +232,14 @@ class AlertIndex:
             out["history"] = list(a["history"])
         return out
 
-    def page(self, camera: str, state: str, before: Optional[str], limit: int) -> tuple[list[str], Optional[str]]:
+    def page(self, camera: str, state: str, before: str | None, limit: int) -> tuple[list[str], str | None]:
         hi = len(self._order) if before is None else bisect.bisect_left(self._order, (_sid(before), ""))
         out: list[str] = []
         i = hi - 1
         while i >= 0 and len(out) < limit:
             aid = self._order[i][1]
             a = self.alerts[aid]
-            if (not camera or a["msg"].get("camera") == camera) and (
-                    not state or (state == "ended") == a["ended"]):
+            if (not camera or a["msg"].get("camera") == camera) and (not state or (state == "ended") == a["ended"]):
                 out.append(aid)
             i -= 1
         more = i >= 0 and len(out) == limit
@@ -235,7 +252,7 @@ class ScoreCache:
 
     def __init__(self) -> None:
         self.points: deque = deque()  # (id_ms, ts, score, threshold)
-        self.last_id: Optional[str] = None
+        self.last_id: str | None = None
         self.lock = asyncio.Lock()
         self.refreshed = 0.0
 
@@ -264,8 +281,9 @@ class ScoreCache:
                             break
                         lo = "(" + batch[-1][0]
                 for sid, f in entries:
-                    self.points.append((_sid(sid)[0], _num(f.get("ts")), _num(f.get("score")),
-                                        _num(f.get("threshold"))))
+                    self.points.append(
+                        (_sid(sid)[0], _num(f.get("ts")), _num(f.get("score")), _num(f.get("threshold")))
+                    )
                 if entries:
                     self.last_id = entries[-1][0]
             cut = now_ms - SCORE_WINDOW_S * 1000
@@ -277,7 +295,7 @@ class ScoreCache:
         """Up to n points [t, max score, its threshold] over [since, until], t the bucket's end (s)."""
         span = max(1, until_ms - since_ms)
         buckets: dict[int, tuple] = {}
-        for id_ms, ts, score, thr in self.points:
+        for id_ms, _ts, score, thr in self.points:
             if id_ms < since_ms or id_ms > until_ms or score is None:
                 continue
             b = min(n - 1, (id_ms - since_ms) * n // span)
@@ -292,19 +310,24 @@ def frame_record(fields: dict) -> dict:
         regions = json.loads(fields.get("regions", "[]"))
     except ValueError:
         regions = []
-    return {"frame_index": int(fields.get("frame_index", -1)), "ts": _num(fields.get("ts")),
-            "score": _num(fields.get("score")), "threshold": _num(fields.get("threshold")),
-            "is_anomalous": fields.get("is_anomalous") == "1", "regions": regions}
+    return {
+        "frame_index": int(fields.get("frame_index", -1)),
+        "ts": _num(fields.get("ts")),
+        "score": _num(fields.get("score")),
+        "threshold": _num(fields.get("threshold")),
+        "is_anomalous": fields.get("is_anomalous") == "1",
+        "regions": regions,
+    }
 
 
 # -- live events -------------------------------------------------------------------------------------
 class EventHub:
     """One pub/sub connection for every SSE client: alerts, camera status and verdicts, fanned out."""
 
-    def __init__(self, console: "Console") -> None:
+    def __init__(self, console: Console) -> None:
         self.c = console
         self.clients: set[asyncio.Queue] = set()
-        self.task: Optional[asyncio.Task] = None
+        self.task: asyncio.Task | None = None
 
     def join(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=256)
@@ -380,10 +403,17 @@ class Console:
         self.s = s
         self.prefix = s.prefix
         kw = {"password": s.redis_password} if s.redis_password else {}
-        self.r = aioredis.Redis.from_url(s.redis_url, decode_responses=True, socket_connect_timeout=2,
-                                         socket_timeout=10, health_check_interval=30, **kw)
-        self.rb = aioredis.Redis.from_url(s.redis_url, decode_responses=False, socket_connect_timeout=2,
-                                          socket_timeout=10, **kw)  # binary: previews
+        self.r = aioredis.Redis.from_url(
+            s.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            health_check_interval=30,
+            **kw,
+        )
+        self.rb = aioredis.Redis.from_url(
+            s.redis_url, decode_responses=False, socket_connect_timeout=2, socket_timeout=10, **kw
+        )  # binary: previews
         self.index = AlertIndex(self.r, s.prefix)
         self.hub = EventHub(self)
         self.scores: dict[str, ScoreCache] = {}
@@ -391,8 +421,9 @@ class Console:
         self.snap_root = Path(s.snapshots_root).resolve() if s.snapshots_root else None
         self.video_root = Path(s.video_root).resolve() if s.video_root else None
         self.closing = False  # set on shutdown: event streams end so the server stops promptly
-        self.session_value = (hmac.new(s.token.encode(), b"spade-console-session-v1", hashlib.sha256).hexdigest()
-                              if s.token else None)
+        self.session_value = (
+            hmac.new(s.token.encode(), b"spade-console-session-v1", hashlib.sha256).hexdigest() if s.token else None
+        )
 
     # -- helpers ----------------------------------------------------------------------------------
     async def now_ms(self) -> int:
@@ -405,7 +436,7 @@ class Console:
             return names
         found: set[str] = set()
         async for key in self.r.scan_iter(match=f"{self.prefix}:*", count=1000):  # one pass over the keys
-            mid, _, suffix = key[len(self.prefix) + 1:].rpartition(":")
+            mid, _, suffix = key[len(self.prefix) + 1 :].rpartition(":")
             if suffix in ("status", "frames", "preview") and NAME_RE.match(mid):
                 found.add(mid)
         names = sorted(found)
@@ -425,7 +456,7 @@ class Console:
                     pass
         return out
 
-    def within(self, root: Optional[Path], named: Optional[str], suffixes: tuple[str, ...]) -> Optional[Path]:
+    def within(self, root: Path | None, named: str | None, suffixes: tuple[str, ...]) -> Path | None:
         """`named` resolved (symlinks too), if it is a regular file under `root` with one of the suffixes."""
         if root is None or not named or not isinstance(named, str) or "\x00" in named:
             return None
@@ -437,7 +468,7 @@ class Console:
             return None
         return p
 
-    def clip_for(self, a: dict) -> Optional[Path]:
+    def clip_for(self, a: dict) -> Path | None:
         """The video sink's recording of the alert's camera that covers its start: among
         `<camera>.mp4` / `<camera>_<n>.mp4` under --video-root, the one last written soonest after it."""
         if self.video_root is None:
@@ -475,7 +506,7 @@ class Console:
         now_ms = await self.now_ms()
         out = []
         for i, n in enumerate(names):
-            status_raw, frames, pttl = res[3 * i:3 * i + 3]
+            status_raw, frames, pttl = res[3 * i : 3 * i + 3]
             try:
                 st = json.loads(status_raw) if status_raw else {}
             except ValueError:
@@ -484,8 +515,16 @@ class Console:
             if frames:
                 sid, f = frames[0]
                 latest = frame_record(f) | {"age_s": round((now_ms - _sid(sid)[0]) / 1000, 3)}
-            out.append({"name": n, "state": st.get("state", "unknown"), "since": _num(st.get("ts")),
-                        "detail": st.get("detail", ""), "latest": latest, "preview": pttl is not None and pttl > 0})
+            out.append(
+                {
+                    "name": n,
+                    "state": st.get("state", "unknown"),
+                    "since": _num(st.get("ts")),
+                    "detail": st.get("detail", ""),
+                    "latest": latest,
+                    "preview": pttl is not None and pttl > 0,
+                }
+            )
         return JSONResponse({"cameras": out, "now": now_ms / 1000})
 
     def _camera(self, request: Request) -> str:
@@ -510,8 +549,15 @@ class Console:
         await cache.refresh(self.r, f"{self.prefix}:{name}:frames", now_ms)
         pts = cache.downsample(now_ms - seconds * 1000, now_ms, points)
         last = cache.points[-1] if cache.points else None
-        return JSONResponse({"camera": name, "seconds": seconds, "now": now_ms / 1000, "points": pts,
-                             "threshold": last[3] if last else None})
+        return JSONResponse(
+            {
+                "camera": name,
+                "seconds": seconds,
+                "now": now_ms / 1000,
+                "points": pts,
+                "threshold": last[3] if last else None,
+            }
+        )
 
     async def api_alerts(self, request: Request) -> Response:
         q = request.query_params
@@ -531,8 +577,13 @@ class Console:
         await self.index.refresh()
         ids, nxt = self.index.page(camera, state, before, limit)
         verdicts = await self.verdicts(ids)
-        return JSONResponse({"alerts": [self.index.summary(a, verdicts.get(a)) for a in ids],
-                             "next_before": nxt, "total": len(self.index.alerts)})
+        return JSONResponse(
+            {
+                "alerts": [self.index.summary(a, verdicts.get(a)) for a in ids],
+                "next_before": nxt,
+                "total": len(self.index.alerts),
+            }
+        )
 
     async def _alert(self, request: Request) -> tuple[str, dict]:
         aid = request.path_params["alert_id"]
@@ -548,9 +599,11 @@ class Console:
         aid, a = await self._alert(request)
         verdict = (await self.verdicts([aid])).get(aid)
         out = self.index.summary(aid, verdict, detail=True)
-        out["snapshot_url"] = (f"/api/alerts/{aid}/snapshot.jpg"
-                               if self.within(self.snap_root, a["msg"].get("snapshot"), (".jpg", ".jpeg", ".png"))
-                               else None)
+        out["snapshot_url"] = (
+            f"/api/alerts/{aid}/snapshot.jpg"
+            if self.within(self.snap_root, a["msg"].get("snapshot"), (".jpg", ".jpeg", ".png"))
+            else None
+        )
         out["clip_url"] = f"/api/alerts/{aid}/clip.mp4" if self.clip_for(a) else None
         # the score timeline around the alert, while the frames stream still holds it
         cam = out["camera"]
@@ -558,14 +611,16 @@ class Console:
         if isinstance(cam, str) and NAME_RE.match(cam) and out["start_ts"] is not None:
             t0 = out["start_ts"] - 30
             t1 = (out["end_ts"] or time.time()) + 30
-            entries = await self.r.xrange(f"{self.prefix}:{cam}:frames", str(int(t0 * 1000)), str(int(t1 * 1000)),
-                                          count=20000)
+            entries = await self.r.xrange(
+                f"{self.prefix}:{cam}:frames", str(int(t0 * 1000)), str(int(t1 * 1000)), count=20000
+            )
             step = max(1, len(entries) // 600)
             for sid, f in entries[::step]:
                 rec = frame_record(f)
                 if rec["score"] is not None:
-                    timeline.append([rec["ts"] if rec["ts"] is not None else _sid(sid)[0] / 1000,
-                                     rec["score"], rec["threshold"]])
+                    timeline.append(
+                        [rec["ts"] if rec["ts"] is not None else _sid(sid)[0] / 1000, rec["score"], rec["threshold"]]
+                    )
         out["timeline"] = timeline
         return JSONResponse(out)
 
@@ -575,8 +630,10 @@ class Console:
             raise ApiError(404, "snapshots are not served: start the console with --snapshots-root DIR")
         p = self.within(self.snap_root, a["msg"].get("snapshot"), (".jpg", ".jpeg", ".png"))
         if p is None:
-            raise ApiError(403 if a["msg"].get("snapshot") else 404,
-                           "the alert's snapshot is not an image file under --snapshots-root")
+            raise ApiError(
+                403 if a["msg"].get("snapshot") else 404,
+                "the alert's snapshot is not an image file under --snapshots-root",
+            )
         return FileResponse(p)
 
     async def api_clip(self, request: Request) -> Response:
@@ -592,9 +649,16 @@ class Console:
         aid, a = await self._alert(request)
         m = a["msg"]
         now = time.time()
-        msg = {"v": 1, "type": kind, "alert_id": aid, "camera": m.get("camera"),
-               "start_ts": _num(m.get("start_ts")), "end_ts": _num(m.get("end_ts")), "by": "console",
-               "ts": round(now, 3)}
+        msg = {
+            "v": 1,
+            "type": kind,
+            "alert_id": aid,
+            "camera": m.get("camera"),
+            "start_ts": _num(m.get("start_ts")),
+            "end_ts": _num(m.get("end_ts")),
+            "by": "console",
+            "ts": round(now, 3),
+        }
         data = json.dumps(msg, separators=(",", ":"), allow_nan=False)
         key = f"{self.prefix}:verdicts"
         if kind == "ack":
@@ -636,8 +700,7 @@ class Console:
             finally:
                 self.hub.leave(q)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"X-Accel-Buffering": "no"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
     async def api_health(self, request: Request) -> Response:
         await self.r.ping()
@@ -647,7 +710,8 @@ class Console:
     def _login_page(self, csrf: str, error: str = "", status: int = 200) -> Response:
         page = (STATIC / "login.html").read_text()
         page = page.replace("{{csrf}}", html.escape(csrf)).replace(
-            "{{error}}", f'<p class="error">{html.escape(error)}</p>' if error else "")
+            "{{error}}", f'<p class="error">{html.escape(error)}</p>' if error else ""
+        )
         return HTMLResponse(page, status_code=status)
 
     async def login_page(self, request: Request) -> Response:
@@ -669,11 +733,14 @@ class Console:
             return self._login_page(request.scope["spade.csrf"], "Session expired: please try again.", 403)
         if not hmac.compare_digest(token.encode(), self.s.token.encode()):
             await asyncio.sleep(0.5)  # slows guessing
-            log.warning("console: refused a login from %s (wrong token)", request.client.host if request.client else "?")
+            log.warning(
+                "console: refused a login from %s (wrong token)", request.client.host if request.client else "?"
+            )
             return self._login_page(request.scope["spade.csrf"], "Wrong token.", 401)
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(SESSION_COOKIE, self.session_value, httponly=True, samesite="strict", path="/",
-                        max_age=12 * 3600)
+        resp.set_cookie(
+            SESSION_COOKIE, self.session_value, httponly=True, samesite="strict", path="/", max_age=12 * 3600
+        )
         return resp
 
     async def logout(self, request: Request) -> Response:
@@ -720,8 +787,11 @@ class Guard:
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
-                hs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"
-                      or not scope["path"].startswith("/api/")]
+                hs = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() != b"cache-control" or not scope["path"].startswith("/api/")
+                ]
                 present = {k.lower() for k, _ in hs}
                 hs += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
                 if new_csrf:
@@ -729,14 +799,15 @@ class Guard:
                 message = {**message, "headers": hs}
             await send(message)
 
-        async def refuse(status: int, message: str, extra: Optional[dict] = None):
+        async def refuse(status: int, message: str, extra: dict | None = None):
             resp = JSONResponse({"error": message}, status_code=status, headers=extra)
             await resp(scope, receive, send_wrapped)
 
         path, method = scope["path"], scope["method"]
         if self.loopback_only and headers.get("host", "") not in self.allowed_hosts:
-            return await refuse(421, "this console answers only to 127.0.0.1 / localhost (start it with a "
-                                     "token to serve other names)")
+            return await refuse(
+                421, "this console answers only to 127.0.0.1 / localhost (start it with a token to serve other names)"
+            )
         if self.c.s.token and path not in self.PUBLIC:
             authed = False
             sess = cookies.get(SESSION_COOKIE)
@@ -747,8 +818,9 @@ class Guard:
                 authed = True
             if not authed:
                 if path.startswith("/api/") or method != "GET":
-                    return await refuse(401, "authentication required: log in at /login "
-                                             "(or send Authorization: Bearer <token>)")
+                    return await refuse(
+                        401, "authentication required: log in at /login (or send Authorization: Bearer <token>)"
+                    )
                 resp = RedirectResponse("/login", status_code=303)
                 return await resp(scope, receive, send_wrapped)
         if method not in ("GET", "HEAD", "OPTIONS"):
@@ -758,8 +830,9 @@ class Guard:
             if path != "/login":  # the login form carries its CSRF token as a field
                 sent = headers.get(CSRF_HEADER, "")
                 if new_csrf or not sent or not hmac.compare_digest(sent.encode(), csrf.encode()):
-                    return await refuse(403, "CSRF token missing or wrong (send the spade_csrf cookie's "
-                                             "value in X-CSRF-Token)")
+                    return await refuse(
+                        403, "CSRF token missing or wrong (send the spade_csrf cookie's value in X-CSRF-Token)"
+                    )
         await self.app(scope, receive, send_wrapped)
 
 
@@ -826,9 +899,18 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         await c.r.aclose()
         await c.rb.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        ApiError: api_error, redis.RedisError: redis_error, ConnectionError: redis_error,
-        404: not_found, 405: not_found, 500: server_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error,
+            redis.RedisError: redis_error,
+            ConnectionError: redis_error,
+            404: not_found,
+            405: not_found,
+            500: server_error,
+        },
+    )
     app.state.console = c
     app.add_middleware(Guard, console=c)
     return app
@@ -840,15 +922,31 @@ def serve(settings: ConsoleSettings, log_level: str = "info") -> None:
 
     app = create_app(settings)
     host = settings.bind
-    log.info("console: http://%s:%d/ (redis prefix %s%s)", host if ":" not in host else f"[{host}]", settings.port,
-             settings.prefix, ", token required" if settings.token else "")
+    log.info(
+        "console: http://%s:%d/ (redis prefix %s%s)",
+        host if ":" not in host else f"[{host}]",
+        settings.port,
+        settings.prefix,
+        ", token required" if settings.token else "",
+    )
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             app.state.console.closing = True
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=settings.port, log_level=log_level, access_log=False,
-                          timeout_graceful_shutdown=3, proxy_headers=False, server_header=False)).run()
+    Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=settings.port,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=3,
+            proxy_headers=False,
+            server_header=False,
+        )
+    ).run()
 
 
 def settings_from_args(args) -> ConsoleSettings:
@@ -886,6 +984,13 @@ def settings_from_args(args) -> ConsoleSettings:
             raise UserError(f"--{opt.replace('_', '-')} {v}: not a directory")
     if args.prefix and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.prefix):
         raise UserError(f"--prefix {args.prefix!r}: expected [A-Za-z0-9_.-]")
-    return ConsoleSettings(redis_url=args.redis, prefix=args.prefix, token=token, bind=args.bind, port=args.port,
-                           snapshots_root=args.snapshots_root, video_root=args.video_root,
-                           redis_password=password)
+    return ConsoleSettings(
+        redis_url=args.redis,
+        prefix=args.prefix,
+        token=token,
+        bind=args.bind,
+        port=args.port,
+        snapshots_root=args.snapshots_root,
+        video_root=args.video_root,
+        redis_password=password,
+    )

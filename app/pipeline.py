@@ -5,6 +5,7 @@ camera and runs the detector; one sink thread publishes results so that encoding
 Redis overlaps the next batch's inference. The sink queue is bounded: for files that is backpressure
 (lossless), for live cameras the source buffers drop their oldest frames instead of growing latency.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,15 +15,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
+from app.stats import PipelineStats
 from configs.schema import AppConfig
 from detector.contract import LiveDetector, ScoredFrames
 from sinks import SinkSet
 from stream.batcher import Arrival, Batcher
 from stream.sources import Source, SourceState, StatusEvent
-from app.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class RunSummary:
 @dataclass
 class ScoredItem:
     """A scored batch: its results are built and published on the sink thread."""
+
     scored: ScoredFrames
     arrivals: list[Arrival]
 
@@ -56,6 +58,7 @@ class ScoredItem:
 @dataclass
 class StatusItem:
     """A camera went "online" / "offline"."""
+
     camera: str
     state: str
     detail: str
@@ -64,6 +67,7 @@ class StatusItem:
 @dataclass
 class EndCameraItem:
     """A camera's last frame was queued: its open alert ends with `reason`."""
+
     camera: str
     reason: str
 
@@ -72,8 +76,15 @@ SinkItem = ScoredItem | StatusItem | EndCameraItem
 
 
 class Pipeline:
-    def __init__(self, cfg: AppConfig, detector: LiveDetector, sinks: SinkSet, sources: Sequence[Source] | None = None,
-                 stats: PipelineStats | None = None, source_factory: Callable | None = None):
+    def __init__(
+        self,
+        cfg: AppConfig,
+        detector: LiveDetector,
+        sinks: SinkSet,
+        sources: Sequence[Source] | None = None,
+        stats: PipelineStats | None = None,
+        source_factory: Callable | None = None,
+    ):
         self.cfg = cfg
         self.detector = detector
         self.sinks = sinks
@@ -82,8 +93,11 @@ class Pipeline:
         threads = max(1, (os.cpu_count() or 1) // max(1, len(cfg.sources))) if len(cfg.sources) > 1 else 0
         # Model inputs and optical flow are made on each source's decode thread: a flow tracker per source,
         # as each keeps its source's last frame.
-        factory = source_factory or (lambda sc, cb: Source(sc, on_status=cb, prepare=detector.prepare,
-                                                           decode_threads=threads, flow=detector.flow_tracker()))
+        factory = source_factory or (
+            lambda sc, cb: Source(
+                sc, on_status=cb, prepare=detector.prepare, decode_threads=threads, flow=detector.flow_tracker()
+            )
+        )
         self.sources = list(sources) if sources is not None else [factory(sc, self._on_status) for sc in cfg.sources]
         self._stop = threading.Event()
         self._sink_q: queue.Queue[SinkItem | None] = queue.Queue(maxsize=4)
@@ -182,8 +196,9 @@ class Pipeline:
             events = self.sinks.publish(res, arr.frame)
             now = time.time()
             src = arr.source
-            captured = arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) \
-                else arr.received
+            captured = (
+                arr.frame.timestamp if (getattr(src, "live", False) or getattr(src, "paced", False)) else arr.received
+            )
             st = self.stats.camera(res.camera_id)
             latency = max(0.0, now - captured)
             st.record(latency, time.monotonic())
@@ -204,7 +219,7 @@ class Pipeline:
                     log.error("%s: %s", s.name, s.error)
                 self._finish_camera(s.name, "source_ended")
 
-    def run(self, duration_s: Optional[float] = None, progress: bool | None = None) -> RunSummary:
+    def run(self, duration_s: float | None = None, progress: bool | None = None) -> RunSummary:
         """Start the sink thread and the sources, batch and score until the deadline, a stop or the end of
         every input, then shut down in order: sources, their final alerts and statuses, sinks."""
         progress = self.cfg.pipeline.progress if progress is None else progress
@@ -257,8 +272,11 @@ class Pipeline:
         stopped = self._stop.is_set()
         for s in self.sources:
             s.stop(timeout=max(0.05, stop_deadline - time.monotonic()))
-        reason = "source_ended" if all_done and self._reason == "finished" else (
-            "shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
+        reason = (
+            "source_ended"
+            if all_done and self._reason == "finished"
+            else ("shutdown" if self._reason in ("shutdown", "duration", "finished") else self._reason)
+        )
         if not stopped:
             self._check_finished_sources()
         for s in self.sources:  # stopped by us (or stuck): their alerts end with the run's reason
@@ -270,16 +288,25 @@ class Pipeline:
 
     def _summary(self, elapsed: float, all_done: bool) -> RunSummary:
         return RunSummary(
-            elapsed_s=elapsed, frames=self.stats.frames,
-            cameras={s.name: {"processed": self.stats.camera(s.name).processed, "decoded": s.decoded,
-                              "dropped": s.dropped, "reconnects": s.reconnects, "state": s.state.value,
-                              "alerts": self.stats.camera(s.name).alerts_opened,
-                              "latency_p50_ms": self.stats.camera(s.name).latency_ms(0.5),
-                              "latency_p99_ms": self.stats.camera(s.name).latency_ms(0.99),
-                              "error": str(s.error) if s.error else None}
-                     for s in self.sources},
+            elapsed_s=elapsed,
+            frames=self.stats.frames,
+            cameras={
+                s.name: {
+                    "processed": self.stats.camera(s.name).processed,
+                    "decoded": s.decoded,
+                    "dropped": s.dropped,
+                    "reconnects": s.reconnects,
+                    "state": s.state.value,
+                    "alerts": self.stats.camera(s.name).alerts_opened,
+                    "latency_p50_ms": self.stats.camera(s.name).latency_ms(0.5),
+                    "latency_p99_ms": self.stats.camera(s.name).latency_ms(0.99),
+                    "error": str(s.error) if s.error else None,
+                }
+                for s in self.sources
+            },
             reason="all sources ended" if all_done else self._reason,
-            stage_ms=self.stats.stage_ms_per_frame(), sink_errors=dict(self.sinks.errors),
+            stage_ms=self.stats.stage_ms_per_frame(),
+            sink_errors=dict(self.sinks.errors),
         )
 
     def _process(self, batch: list[Arrival]) -> None:
@@ -289,8 +316,9 @@ class Pipeline:
             scored = self.detector.score_batch(frames)
         except Exception:
             self.detector_errors += 1
-            log.exception("detector failed on a batch of %d frames (%d failures so far)", len(frames),
-                          self.detector_errors)
+            log.exception(
+                "detector failed on a batch of %d frames (%d failures so far)", len(frames), self.detector_errors
+            )
             if self.detector_errors >= 3:
                 self.stop("detector_error")
             return
@@ -310,6 +338,7 @@ class Pipeline:
         def restore():
             for sig, h in old.items():
                 signal.signal(sig, h)
+
         return restore
 
 
@@ -349,11 +378,19 @@ class ProgressDisplay:
         for s in self.p.sources:
             st = self.p.stats.camera(s.name)
             p50, p99 = st.latency_ms(0.5), st.latency_ms(0.99)
-            out.append({"camera": s.name, "state": s.state.value, "fps": f"{st.fps(now):.1f}",
-                        "lat_p50": "-" if p50 is None else f"{p50:.0f}ms",
-                        "lat_p99": "-" if p99 is None else f"{p99:.0f}ms",
-                        "frames": str(st.processed), "dropped": str(s.dropped),
-                        "reconnects": str(s.reconnects), "alerts": str(st.alerts_opened)})
+            out.append(
+                {
+                    "camera": s.name,
+                    "state": s.state.value,
+                    "fps": f"{st.fps(now):.1f}",
+                    "lat_p50": "-" if p50 is None else f"{p50:.0f}ms",
+                    "lat_p99": "-" if p99 is None else f"{p99:.0f}ms",
+                    "frames": str(st.processed),
+                    "dropped": str(s.dropped),
+                    "reconnects": str(s.reconnects),
+                    "alerts": str(st.alerts_opened),
+                }
+            )
         return out
 
     def rows(self) -> list[str]:

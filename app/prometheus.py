@@ -32,20 +32,20 @@ Series (all prefixed `spade_`):
 failed or produced no frame for longer than its health timeout (see `Source.health`). A file that
 ended normally is healthy.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from configs.errors import UserError
 from configs import jsonsafe
+from configs.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,14 @@ class _PipelineCollector:
         cam = ["camera"]
         fps = GaugeMetricFamily("spade_camera_fps", "Frames published per second (5 s window)", labels=cam)
         up = GaugeMetricFamily("spade_camera_up", "1 while the camera/file is streaming", labels=cam)
-        healthy = GaugeMetricFamily("spade_camera_healthy", "1 when /healthz considers the camera healthy",
-                                    labels=cam)
+        healthy = GaugeMetricFamily("spade_camera_healthy", "1 when /healthz considers the camera healthy", labels=cam)
         decoded = CounterMetricFamily("spade_frames_decoded", "Frames decoded by the source", labels=cam)
         processed = CounterMetricFamily("spade_frames_processed", "Frames scored and published", labels=cam)
-        dropped = CounterMetricFamily("spade_frames_dropped", "Frames the source buffer discarded "
-                                      "because the consumer was slower than the camera", labels=cam)
+        dropped = CounterMetricFamily(
+            "spade_frames_dropped",
+            "Frames the source buffer discarded because the consumer was slower than the camera",
+            labels=cam,
+        )
         reconnects = CounterMetricFamily("spade_reconnects", "Reconnect attempts", labels=cam)
         alerts = CounterMetricFamily("spade_alerts_opened", "Alerts opened", labels=cam)
         depth = GaugeMetricFamily("spade_source_queue_depth", "Frames waiting in the source buffer", labels=cam)
@@ -148,13 +150,18 @@ class MetricsServer:
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PipelineCollector(pipeline))
-        self.latency = Histogram("spade_latency_seconds", "Capture (live/paced) or arrival (files) to publish",
-                                 ["camera"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.latency = Histogram(
+            "spade_latency_seconds",
+            "Capture (live/paced) or arrival (files) to publish",
+            ["camera"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         for s in pipeline.sources:  # every camera has its series from the first scrape
             self.latency.labels(s.name)
         pipeline.add_observer(self._observe)
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     def _observe(self, camera: str, latency_s: float, events) -> None:
         self.latency.labels(camera).observe(latency_s)
@@ -169,7 +176,7 @@ class MetricsServer:
         return (200 if ok else 503), {"status": "ok" if ok else "unhealthy", "cameras": cams}
 
     # -- server -------------------------------------------------------------------------------
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         if self._httpd is not None:
             return self
         server = self
@@ -200,13 +207,15 @@ class MetricsServer:
         try:
             httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         except OSError as err:
-            raise UserError(f"pipeline.metrics_port: cannot listen on {self.host}:{self.port} "
-                            f"({err.strerror or err})") from None
+            raise UserError(
+                f"pipeline.metrics_port: cannot listen on {self.host}:{self.port} ({err.strerror or err})"
+            ) from None
         httpd.daemon_threads = True
         self._httpd = httpd
         self.port = httpd.server_address[1]
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="metrics-http", daemon=True
+        )
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics and /healthz", self.host, self.port)
         return self
@@ -224,7 +233,7 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
 """Per-camera counters and rates the pipeline keeps, read by the progress display and /metrics."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Configuration loading: YAML -> environment overrides -> validated `AppConfig`."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,9 @@ import os
 import re
 import stat
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -54,7 +56,7 @@ def apply_env(tree: dict, environ: Mapping[str, str], origins: dict | None = Non
     for key, raw in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in key[len(ENV_PREFIX):].split("__") if k]
+        keys = [k.lower() for k in key[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
         try:
@@ -143,10 +145,10 @@ def _origin_of(loc: tuple, origin: str, env: Mapping[tuple, str] | None, file_tr
     """(where the value at `loc` came from, whether that is an environment variable alone)."""
     if not env:
         return origin, False
-    above = [p for p in env if tuple(loc[:len(p)]) == p]
+    above = [p for p in env if tuple(loc[: len(p)]) == p]
     if above:  # the variable set this value, or a section holding it
         return f"environment variable {env[max(above, key=len)]}", True
-    below = sorted(env[p] for p in env if tuple(p[:len(loc)]) == tuple(loc))
+    below = sorted(env[p] for p in env if tuple(p[: len(loc)]) == tuple(loc))
     if below:  # variables set values inside this section
         names = ", ".join(below)
         plural = "s" if len(below) > 1 else ""
@@ -156,8 +158,9 @@ def _origin_of(loc: tuple, origin: str, env: Mapping[tuple, str] | None, file_tr
     return origin, False
 
 
-def format_validation_error(err: ValidationError, origin: str, env: Mapping[tuple, str] | None = None,
-                            file_tree: Any = None) -> str:
+def format_validation_error(
+    err: ValidationError, origin: str, env: Mapping[tuple, str] | None = None, file_tree: Any = None
+) -> str:
     """One line per problem, each naming where the value came from: `origin` (the file), or the
     SPADE__... variable that set it (`env`: config path -> variable, from `apply_env`; `file_tree`: the
     file's own tree, before the variables)."""
@@ -178,8 +181,9 @@ def format_validation_error(err: ValidationError, origin: str, env: Mapping[tupl
     return "\n".join(lines)
 
 
-def parse(tree: Any, origin: str = "<config>", env: Mapping[tuple, str] | None = None,
-          file_tree: Any = None) -> AppConfig:
+def parse(
+    tree: Any, origin: str = "<config>", env: Mapping[tuple, str] | None = None, file_tree: Any = None
+) -> AppConfig:
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -234,11 +238,11 @@ def load_secrets(path: str | os.PathLike, environ: dict | None = None) -> list[s
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{where}: cannot read ({type(err).__name__})") from None
     if mode & stat.S_IROTH:
-        raise UserError(f"{where}: readable by every user (mode {stat.S_IMODE(mode):o}); "
-                        f"run: chmod 600 {p}")
+        raise UserError(f"{where}: readable by every user (mode {stat.S_IMODE(mode):o}); run: chmod 600 {p}")
     if mode & stat.S_IRGRP:
-        logging.getLogger(__name__).warning("%s: readable by its group (mode %o); chmod 600 is safer",
-                                            p, stat.S_IMODE(mode))
+        logging.getLogger(__name__).warning(
+            "%s: readable by its group (mode %o); chmod 600 is safer", p, stat.S_IMODE(mode)
+        )
     env = os.environ if environ is None else environ
     names = []
     for n, line in enumerate(text.splitlines(), 1):

@@ -5,6 +5,7 @@ JSON has no NaN or Infinity: Python's `json.dumps` writes them anyway (`NaN`), w
 writes goes through `dumps`, which turns a non-finite number into `null` ("no value") and numpy
 scalars into plain numbers, and refuses anything else that is not JSON rather than writing it.
 """
+
 from __future__ import annotations
 
 import json

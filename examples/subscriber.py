@@ -21,6 +21,7 @@ What it guarantees:
 - Passwords in the URL never appear in its output. A bad URL or option: one `error:` line, exit 2.
   Ctrl-C or SIGTERM: exit 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def human(msg: dict) -> str:
     regions = ", ".join(f"[{r[0]},{r[1]},{r[2]},{r[3]}]" for r in msg.get("regions") or [])
     peak = msg.get("peak_score")
     peak = f"{peak:.2f}" if isinstance(peak, (int, float)) else "-"
-    return (f"{msg.get('type', '?'):>6} {msg.get('camera', '?'):<12} {msg.get('alert_id', '?')} peak={peak} "
-            f"regions={regions or '-'} snapshot={msg.get('snapshot')}")
+    return (
+        f"{msg.get('type', '?'):>6} {msg.get('camera', '?'):<12} {msg.get('alert_id', '?')} peak={peak} "
+        f"regions={regions or '-'} snapshot={msg.get('snapshot')}"
+    )
 
 
 def follow(r: redis.Redis, key: str, start: str, as_json: bool, block_ms: int, where: str) -> None:
@@ -85,15 +88,16 @@ def follow(r: redis.Redis, key: str, start: str, as_json: bool, block_ms: int, w
         except DOWN as err:
             if down_since is None:
                 down_since = time.monotonic()
-                log(f"lost Redis at {where} ({type(err).__name__}: {err}); reconnecting with backoff "
-                    f"up to {BACKOFF_MAX_S:.0f} s, will resume after id {last or '$'}")
-            delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** failures)
+                log(
+                    f"lost Redis at {where} ({type(err).__name__}: {err}); reconnecting with backoff "
+                    f"up to {BACKOFF_MAX_S:.0f} s, will resume after id {last or '$'}"
+                )
+            delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**failures)
             failures += 1
             time.sleep(random.uniform(delay / 2, delay))
             continue
         if down_since is not None:
-            log(f"Redis is back at {where} after {time.monotonic() - down_since:.1f} s; "
-                f"resuming after id {last}")
+            log(f"Redis is back at {where} after {time.monotonic() - down_since:.1f} s; resuming after id {last}")
             down_since, failures = None, 0
         if isinstance(reply, dict):  # RESP3 (`?protocol=3` in the URL) answers with a dict
             reply = reply.items()
@@ -120,8 +124,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Print spade alerts from Redis; see the module docstring.")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="redis:// or rediss:// URL")
     ap.add_argument("--prefix", default="spade", help="key prefix (sinks.redis.prefix)")
-    ap.add_argument("--from", dest="start", default="0",
-                    help="stream id to start after: '0' = replay everything (default), '$' = only new")
+    ap.add_argument(
+        "--from",
+        dest="start",
+        default="0",
+        help="stream id to start after: '0' = replay everything (default), '$' = only new",
+    )
     ap.add_argument("--json", action="store_true", help="print each message as one strict-JSON line")
     ap.add_argument("--block-ms", type=int, default=5000, help="XREAD block time in ms (default 5000)")
     args = ap.parse_args()
@@ -131,8 +139,13 @@ def main() -> int:
         ap.error("--block-ms must be >= 1")
     where = redact(args.redis)
     try:
-        r = redis.Redis.from_url(args.redis, decode_responses=True, socket_timeout=args.block_ms / 1000 + 10,
-                                 socket_connect_timeout=5, retry=Retry(NoBackoff(), 1))
+        r = redis.Redis.from_url(
+            args.redis,
+            decode_responses=True,
+            socket_timeout=args.block_ms / 1000 + 10,
+            socket_connect_timeout=5,
+            retry=Retry(NoBackoff(), 1),
+        )
     except ValueError as err:
         print(f"error: bad --redis URL {where}: {str(err).replace(args.redis, where)}", file=sys.stderr)
         return 2

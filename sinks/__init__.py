@@ -2,13 +2,13 @@
 
 `SinkSet` is what the pipeline talks to; `build_sinks` assembles one from the config.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 from configs.errors import UserError
 from configs.schema import AlertsConfig, SinksConfig
@@ -33,8 +33,9 @@ class SinkSet:
     Thread-safe: sources may report camera status from their own threads while the pipeline publishes.
     """
 
-    def __init__(self, sinks: list[Sink], tracker: AlertTracker | None = None,
-                 snapshots: SnapshotWriter | None = None) -> None:
+    def __init__(
+        self, sinks: list[Sink], tracker: AlertTracker | None = None, snapshots: SnapshotWriter | None = None
+    ) -> None:
         self.sinks = list(sinks)
         self.tracker = tracker or AlertTracker()
         self.snapshots = snapshots
@@ -61,8 +62,7 @@ class SinkSet:
         peak = self.tracker.peak(ev.alert_id)
         if peak is not None and self._snap_version.get(ev.alert_id) != peak.version:
             try:
-                self._snap_paths[ev.alert_id] = self.snapshots.save(ev.camera, ev.alert_id, peak.frame,
-                                                                    peak.result)
+                self._snap_paths[ev.alert_id] = self.snapshots.save(ev.camera, ev.alert_id, peak.frame, peak.result)
                 self._snap_version[ev.alert_id] = peak.version
             except Exception:
                 self.errors["SnapshotWriter"] += 1
@@ -123,8 +123,7 @@ class SinkSet:
             return events
 
 
-def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | None,
-                fps_hint: float = 25.0) -> SinkSet:
+def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | None, fps_hint: float = 25.0) -> SinkSet:
     """Redis when `redis.url` is set; JSONL when enabled, or by default when there is no Redis URL
     (at `jsonl.path`, else `<out_dir>/events.jsonl`); video when `video.dir` is set. Snapshots go to
     `alerts.snapshot_dir`, else `<out_dir>/snapshots`; without either, alerts carry no snapshot."""
@@ -133,18 +132,20 @@ def build_sinks(cfg: SinksConfig, alerts: AlertsConfig, out_dir: Path | str | No
     try:
         jsonl_on = cfg.jsonl.enabled if cfg.jsonl.enabled is not None else not cfg.redis.url
         if jsonl_on:
-            path: Optional[Path] = Path(cfg.jsonl.path) if cfg.jsonl.path else (
-                out / "events.jsonl" if out else None)
+            path: Path | None = Path(cfg.jsonl.path) if cfg.jsonl.path else (out / "events.jsonl" if out else None)
             if path is not None:
                 from sinks.jsonl import JsonlSink
 
                 sinks.append(JsonlSink(path))
             elif cfg.jsonl.enabled:
-                raise UserError("sinks.jsonl.enabled is true but neither sinks.jsonl.path nor an "
-                                "output directory is given")
+                raise UserError(
+                    "sinks.jsonl.enabled is true but neither sinks.jsonl.path nor an output directory is given"
+                )
             else:
-                log.warning("no Redis URL, no JSONL path and no output directory: frame scores and "
-                            "alerts are not published anywhere")
+                log.warning(
+                    "no Redis URL, no JSONL path and no output directory: frame scores and "
+                    "alerts are not published anywhere"
+                )
         if cfg.redis.url:
             from sinks.redis_sink import RedisSink
 

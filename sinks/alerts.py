@@ -18,12 +18,12 @@ alert started and of the one where its score first dropped below exit (on shutdo
 camera's last frame); its `regions` are those of the frame it names by `frame_index`, `peak_regions` those
 of the peak frame. How events go on the wire: sinks/schema.py.
 """
+
 from __future__ import annotations
 
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Optional
 
 from configs.schema import AlertsConfig
 from detector.result import FrameResult, Region
@@ -51,10 +51,10 @@ class _When:
 
     stream: float
     epoch: float
-    media: Optional[float]
+    media: float | None
 
     @staticmethod
-    def of(result: FrameResult) -> "_When":
+    def of(result: FrameResult) -> _When:
         return _When(float(result.timestamp), result.epoch_ts, result.media_ts)
 
 
@@ -66,19 +66,19 @@ class _Open:
     last_event_ts: float
     emitted_peak: float
     emitted_regions: list[Region]
-    below_since: Optional[float] = None
-    below_when: Optional[_When] = None  # the frame where the score first dropped below exit
+    below_since: float | None = None
+    below_when: _When | None = None  # the frame where the score first dropped below exit
 
 
 @dataclass
 class _Camera:
-    last_ts: Optional[float] = None
-    last: Optional[FrameResult] = None
+    last_ts: float | None = None
+    last: FrameResult | None = None
     last_index: int = -1
-    above_since: Optional[float] = None  # pending: first frame of the current run >= enter
-    above_when: Optional[_When] = None
-    pending_peak: Optional[Peak] = None
-    open: Optional[_Open] = None
+    above_since: float | None = None  # pending: first frame of the current run >= enter
+    above_when: _When | None = None
+    pending_peak: Peak | None = None
+    open: _Open | None = None
 
 
 def thresholds(cfg: AlertsConfig, result: FrameResult) -> tuple[float, float]:
@@ -140,7 +140,7 @@ class AlertTracker:
         self._ended: dict[str, Peak] = {}
 
     # -- queries -------------------------------------------------------------------------------------
-    def peak(self, alert_id: str) -> Optional[Peak]:
+    def peak(self, alert_id: str) -> Peak | None:
         """Peak frame of an open alert, or of one ended by the latest update()/close() call."""
         if alert_id in self._ended:
             return self._ended[alert_id]

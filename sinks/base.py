@@ -1,8 +1,9 @@
 """The contract every sink implements: one method per thing a sink can be told."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 from detector.result import FrameResult, Region
 from stream.frame import Frame
@@ -16,15 +17,15 @@ class AlertEvent:
     alert_id: str
     camera: str
     start_ts: float  # seconds since the epoch
-    end_ts: Optional[float]
+    end_ts: float | None
     peak_score: float
     regions: list[Region] = field(default_factory=list)
-    snapshot: Optional[str] = None
-    reason: Optional[str] = None  # for "end": "recovered" | "shutdown" | "source_ended"
+    snapshot: str | None = None
+    reason: str | None = None  # for "end": "recovered" | "shutdown" | "source_ended"
     frame_index: int = -1  # the frame this message describes; `regions` are that frame's
     peak_regions: list[Region] = field(default_factory=list)  # the peak frame's (what the snapshot shows)
-    start_media_ts: Optional[float] = None  # seconds into a recorded file; None for live cameras
-    end_media_ts: Optional[float] = None
+    start_media_ts: float | None = None  # seconds into a recorded file; None for live cameras
+    end_media_ts: float | None = None
 
 
 class Sink(Protocol):

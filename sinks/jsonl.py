@@ -1,12 +1,13 @@
 """Append-only JSON-lines log of frames, alerts and camera status: the zero-infrastructure sink."""
+
 from __future__ import annotations
 
 import json
 import os
 import threading
 import time
-from typing import TextIO
 from pathlib import Path
+from typing import TextIO
 
 from detector.result import FrameResult
 from sinks.base import AlertEvent

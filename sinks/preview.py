@@ -10,6 +10,7 @@ Like the Redis sink, the caller's thread never waits on Redis nor on drawing: `w
 rate and hands the frame to one worker thread, which keeps just the newest frame per camera (previews
 are live state, not history: one dropped while Redis is slow or down is simply replaced by the next).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 QUALITIES = (80, 65, 50, 38, 28, 20)
 
 
-def encode_preview(image: np.ndarray, result: FrameResult, max_bytes: int, max_width: int = 480,
-                   normal_regions: str = "faint") -> bytes:
+def encode_preview(
+    image: np.ndarray, result: FrameResult, max_bytes: int, max_width: int = 480, normal_regions: str = "faint"
+) -> bytes:
     """The annotated JPEG of one frame, at most `max_bytes` (best effort below ~2 KB): lower quality
     first, then halve the size, until it fits."""
     h, w = image.shape[:2]
@@ -57,8 +59,7 @@ class PreviewSink:
     """See the module docstring. Counters: `published`, `skipped` (replaced by a newer frame before the
     worker got to them), `errors`."""
 
-    def __init__(self, cfg: PreviewConfig, redis_cfg: RedisConfig, client=None,
-                 normal_regions: str = "faint") -> None:
+    def __init__(self, cfg: PreviewConfig, redis_cfg: RedisConfig, client=None, normal_regions: str = "faint") -> None:
         if client is None:
             if not redis_cfg.url:
                 raise ValueError("the preview sink needs sinks.redis.url")
@@ -144,8 +145,9 @@ class PreviewSink:
                 encoded = {}
                 for cam, (result, frame) in batch.items():
                     try:
-                        encoded[cam] = encode_preview(frame.image, result, max_bytes, self.cfg.max_width,
-                                                      self.normal_regions)
+                        encoded[cam] = encode_preview(
+                            frame.image, result, max_bytes, self.cfg.max_width, self.normal_regions
+                        )
                     except Exception:
                         self._error("preview of %s failed", cam)
                 if encoded:

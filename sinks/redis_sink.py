@@ -18,6 +18,7 @@ stall the pipeline (the worst a call does is an fsync of one spooled alert line)
   publishes nothing twice. If the ACL user may not run scripts, plain XADD + PUBLISH is used and
   delivery is at-least-once; consumers that replay should dedupe on (alert_id, type, frame_index).
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,7 +31,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -191,7 +191,7 @@ class AlertSpool:
             self._append_f.close()
 
 
-def _lock_dir(base: Path) -> tuple[Path, Optional[int]]:
+def _lock_dir(base: Path) -> tuple[Path, int | None]:
     """Take an exclusive lock on `base` (two writers interleaving one spool would break its order).
     When another live process holds it, fall back to a per-process subdirectory."""
     import fcntl
@@ -219,9 +219,14 @@ class RedisSink:
     FRAME_BATCH = 512
     ALERT_ATTEMPTS = 10  # consecutive refusals (not outages) before a poison alert is skipped
 
-    def __init__(self, cfg: RedisConfig, spool_dir: str | os.PathLike | None = None,
-                 backoff_min_s: float = 0.1, backoff_max_s: float = 2.0, close_timeout_s: float = 3.0
-                 ) -> None:
+    def __init__(
+        self,
+        cfg: RedisConfig,
+        spool_dir: str | os.PathLike | None = None,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+        close_timeout_s: float = 3.0,
+    ) -> None:
         if not cfg.url:
             raise ValueError("RedisConfig.url is required")
         self.cfg = cfg
@@ -253,15 +258,16 @@ class RedisSink:
         # message keys delivered by this process: skips spool replays without a round trip.
         self._delivered: collections.OrderedDict = collections.OrderedDict()
         self._accepting = True  # False while Redis is known down: frames are dropped at once
-        self._down_since: Optional[float] = None
+        self._down_since: float | None = None
         self._dropped_at_down = 0
         self._alert_failures = 0
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._closed = False
         if self.spool.pending_bytes:
-            log.info("alert spool %s holds %d undelivered bytes from an earlier run", spool_path,
-                     self.spool.pending_bytes)
+            log.info(
+                "alert spool %s holds %d undelivered bytes from an earlier run", spool_path, self.spool.pending_bytes
+            )
         self._thread = threading.Thread(target=self._run, name="redis-sink", daemon=True)
         self._thread.start()
 
@@ -323,9 +329,14 @@ class RedisSink:
         line = (json.dumps(alert_message(event), separators=(",", ":")) + "\n").encode()
         if not self.spool.append(line):
             self.spool_overflows += 1
-            log.error("ALERT LOST: spool %s is full (%.0f MB undelivered, Redis %s unreachable?); "
-                      "alert %s/%s dropped", self.spool.dir, self.spool.pending_bytes / 2**20,
-                      self.url_display, event.alert_id, event.type)
+            log.error(
+                "ALERT LOST: spool %s is full (%.0f MB undelivered, Redis %s unreachable?); alert %s/%s dropped",
+                self.spool.dir,
+                self.spool.pending_bytes / 2**20,
+                self.url_display,
+                event.alert_id,
+                event.type,
+            )
             return
         self._wake.set()
 
@@ -367,8 +378,11 @@ class RedisSink:
         self._wake.set()
         self._thread.join(self.close_timeout_s + 2 * self.cfg.socket_timeout_s + 1.0)
         if self.spool.pending_bytes:
-            log.warning("redis sink closed with %d bytes of alerts undelivered; they stay in %s",
-                        self.spool.pending_bytes, self.spool.dir)
+            log.warning(
+                "redis sink closed with %d bytes of alerts undelivered; they stay in %s",
+                self.spool.pending_bytes,
+                self.spool.dir,
+            )
         try:
             self.client.close()
         except Exception:
@@ -442,10 +456,14 @@ class RedisSink:
             self._accepting = True
             self._status_pending.update(self._status_last)
         if self._down_since is not None:
-            log.warning("redis %s reachable again after %.1f s (%d frames dropped meanwhile); "
-                        "delivering %d bytes of spooled alerts", self.url_display,
-                        time.monotonic() - self._down_since, self.dropped_frames - self._dropped_at_down,
-                        self.spool.pending_bytes)
+            log.warning(
+                "redis %s reachable again after %.1f s (%d frames dropped meanwhile); "
+                "delivering %d bytes of spooled alerts",
+                self.url_display,
+                time.monotonic() - self._down_since,
+                self.dropped_frames - self._dropped_at_down,
+                self.spool.pending_bytes,
+            )
         self._down_since = None
         return True
 
@@ -459,8 +477,14 @@ class RedisSink:
             self._down_since = time.monotonic()
             self._dropped_at_down = self.dropped_frames - lost
             # redis-py's messages name host:port at most, never credentials.
-            log.log(level, "redis %s unavailable (%s: %s): dropping frames, spooling alerts to %s",
-                    self.url_display, type(err).__name__, str(err)[:200], self.spool.dir)
+            log.log(
+                level,
+                "redis %s unavailable (%s: %s): dropping frames, spooling alerts to %s",
+                self.url_display,
+                type(err).__name__,
+                str(err)[:200],
+                self.spool.dir,
+            )
 
     def _send_statuses(self) -> bool:
         with self._lock:
@@ -499,8 +523,12 @@ class RedisSink:
         try:
             pipe = self.client.pipeline(transaction=False)
             for rec in batch:
-                pipe.xadd(f"{self.prefix}:{rec['camera']}:frames", dict(frame_fields(rec)),  # type: ignore[arg-type]
-                          maxlen=self.cfg.frames_maxlen, approximate=True)
+                pipe.xadd(
+                    f"{self.prefix}:{rec['camera']}:frames",
+                    dict(frame_fields(rec)),  # type: ignore[arg-type]
+                    maxlen=self.cfg.frames_maxlen,
+                    approximate=True,
+                )
             pipe.execute()
         except Exception as err:
             self.errors += 1
@@ -538,12 +566,10 @@ class RedisSink:
                     self.errors += 1
                     self._alert_failures += 1
                     if self._alert_failures < self.ALERT_ATTEMPTS:
-                        log.warning("redis refused alert %s/%s@%s (attempt %d): %s", *key,
-                                    self._alert_failures, err)
-                        time.sleep(min(0.05 * 2 ** self._alert_failures, self.backoff_max_s))
+                        log.warning("redis refused alert %s/%s@%s (attempt %d): %s", *key, self._alert_failures, err)
+                        time.sleep(min(0.05 * 2**self._alert_failures, self.backoff_max_s))
                         return True
-                    log.error("ALERT LOST: redis refused alert %s/%s@%s %d times: %s", *key,
-                              self._alert_failures, err)
+                    log.error("ALERT LOST: redis refused alert %s/%s@%s %d times: %s", *key, self._alert_failures, err)
                     self.failed_alerts += 1
                     fresh = None
                 self._alert_failures = 0
@@ -565,15 +591,15 @@ class RedisSink:
         if self._use_script:
             marker = f"{self.prefix}:delivered:{msg['alert_id']}:{msg['type']}:{msg['frame_index']}"
             try:
-                res = self._script(keys=[marker, stream],
-                                   args=[data, self.cfg.alerts_maxlen, DELIVERED_TTL_S, *channels])
+                res = self._script(
+                    keys=[marker, stream], args=[data, self.cfg.alerts_maxlen, DELIVERED_TTL_S, *channels]
+                )
                 return res is not None
             except redis.ResponseError as err:
                 text = str(err).lower()
                 if "noperm" not in text and "unknown command" not in text and "script" not in text:
                     raise
-                log.warning("redis user may not run scripts (%s): alert delivery falls back to "
-                            "at-least-once", err)
+                log.warning("redis user may not run scripts (%s): alert delivery falls back to at-least-once", err)
                 self._use_script = False
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(stream, {"data": data}, maxlen=self.cfg.alerts_maxlen, approximate=True)

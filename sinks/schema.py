@@ -64,11 +64,11 @@ Order, per camera
     that loses its connection goes "offline" at once; its open alert stays open through the outage and
     ends by the usual rule once frames return. Across cameras there is no order.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from typing import Optional
 
 from detector.result import FrameResult, Region
 from sinks.base import AlertEvent
@@ -76,18 +76,32 @@ from sinks.base import AlertEvent
 SCHEMA_VERSION = 1
 
 FRAME_KEYS = ("v", "camera", "frame_index", "ts", "media_ts", "score", "threshold", "is_anomalous", "regions")
-ALERT_KEYS = ("v", "type", "alert_id", "camera", "start_ts", "end_ts", "start_media_ts", "end_media_ts",
-              "peak_score", "regions", "peak_regions", "snapshot", "reason", "frame_index")
+ALERT_KEYS = (
+    "v",
+    "type",
+    "alert_id",
+    "camera",
+    "start_ts",
+    "end_ts",
+    "start_media_ts",
+    "end_media_ts",
+    "peak_score",
+    "regions",
+    "peak_regions",
+    "snapshot",
+    "reason",
+    "frame_index",
+)
 STATUS_KEYS = ("v", "camera", "state", "ts", "detail")
 
 
-def finite(x) -> Optional[float]:
+def finite(x) -> float | None:
     """JSON has no NaN/Infinity; a non-finite number goes out as null."""
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def _optional(x) -> Optional[float]:
+def _optional(x) -> float | None:
     return None if x is None else finite(x)
 
 
@@ -112,6 +126,7 @@ def frame_message(result: FrameResult) -> dict:
 
 def frame_fields(msg: dict) -> dict[str, str]:
     """The Redis stream fields of a frame record (`frame_message`): every value a string."""
+
     def num(x):
         return "nan" if x is None else repr(float(x))
 

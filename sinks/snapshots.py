@@ -1,4 +1,5 @@
 """JPEG snapshots of an alert's peak frame, with the detector's overlay."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ class SnapshotWriter:
     """Writes `<dir>/<camera>/<alert_id>.jpg`. Saving again for the same alert overwrites the file, so the
     path published with the alert's first message stays valid and ends up showing the final peak."""
 
-    def __init__(self, dir: str | os.PathLike, quality: int = 90, map_floor: float = 1.0,
-                 normal_regions: str = "faint") -> None:
+    def __init__(
+        self, dir: str | os.PathLike, quality: int = 90, map_floor: float = 1.0, normal_regions: str = "faint"
+    ) -> None:
         self.dir = Path(dir)
         self.normal_regions = normal_regions  # how a normal frame's regions show (sinks.annotate)
         self.quality = int(quality)
@@ -35,8 +37,7 @@ class SnapshotWriter:
 
     def save(self, camera: str, alert_id: str, frame: Frame, result: FrameResult) -> str:
         rgb = annotate_frame(frame.image, result, self.map_floor, normal_regions=self.normal_regions)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for alert {alert_id}")
         path = self.path_for(camera, alert_id)

@@ -1,4 +1,5 @@
 """Annotated H.264 recordings, one file (or a series of segments) per camera."""
+
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import cv2
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Recording:
-    writer: Optional[VideoWriter] = None
+    writer: VideoWriter | None = None
     size: tuple[int, int] = (0, 0)  # (w, h) fixed by the first frame: a video cannot change size
     segment: int = 0
     segment_start: float = 0.0

@@ -7,15 +7,16 @@ free pages back now and then keeps RSS at what is in use, at no measured cost. (
 frames on its decode thread, stream/picture.py, so fewer and smaller buffers cross threads; the trim
 stays. Current fit memory: docs/results.md, "Fit speed and memory".)
 """
+
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if not name:
         return None

@@ -7,13 +7,15 @@ FFmpeg knowledge here means a tuning change (probe size, transport, timeouts) ha
 Every string that may contain a URL goes through `redact()` before it reaches a log line, a status
 detail or an exception message: camera URLs routinely carry `user:password@`.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, Generator, Iterator, Literal, Optional, cast
+from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import av
@@ -61,7 +63,7 @@ class InputError(UserError):
     timed out, stream ended); files treat every InputError as final.
     """
 
-    def __init__(self, url: str, problem: str, reason: Optional[str] = None, *, permanent: bool = False):
+    def __init__(self, url: str, problem: str, reason: str | None = None, *, permanent: bool = False):
         self.url = redact(url)
         self.problem = problem
         self.reason = redact(reason) if reason else None
@@ -96,7 +98,7 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", text)
 
 
-def with_credentials(url: str, username: Optional[str], password: Optional[str]) -> str:
+def with_credentials(url: str, username: str | None, password: str | None) -> str:
     """`url` with `username:password@` put in front of its host (percent-encoded), for FFmpeg only.
 
     The result must never be logged or stored: pass it straight to `open_input`; every message
@@ -113,8 +115,10 @@ def with_credentials(url: str, username: Optional[str], password: Optional[str])
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_SUPPORTED = ("rtsp://, rtsps://, http(s):// (HLS .m3u8 included), a video file, "
-              "a folder of images or a webcam (/dev/videoN, N or v4l2:/dev/videoN)")
+_SUPPORTED = (
+    "rtsp://, rtsps://, http(s):// (HLS .m3u8 included), a video file, "
+    "a folder of images or a webcam (/dev/videoN, N or v4l2:/dev/videoN)"
+)
 
 
 def classify(url: str) -> Kind:
@@ -144,7 +148,7 @@ def local_path(url: str) -> Path:
     return Path(s).expanduser()
 
 
-def _ffmpeg_target(url: str, kind: Kind) -> tuple[str, Optional[str]]:
+def _ffmpeg_target(url: str, kind: Kind) -> tuple[str, str | None]:
     """(what to pass to FFmpeg, forced demuxer format or None)."""
     s = url.strip()
     if kind == "webcam":
@@ -165,6 +169,7 @@ def _ffmpeg_target(url: str, kind: Kind) -> tuple[str, Optional[str]]:
 # opening and decoding
 # ----------------------------------------------------------------------------------------------
 
+
 def _reason(exc: BaseException) -> str:
     # strerror, never str(exc): PyAV's str() appends the (unredacted) URL.
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -172,7 +177,7 @@ def _reason(exc: BaseException) -> str:
     return redact(text[:1].lower() + text[1:])
 
 
-def _is_timeout(exc: BaseException, elapsed: float, limit: Optional[float]) -> bool:
+def _is_timeout(exc: BaseException, elapsed: float, limit: float | None) -> bool:
     # PyAV aborts a blocking call through FFmpeg's interrupt callback; depending on the protocol
     # that surfaces as "immediate exit requested", as a timeout, or as a misleading "invalid data"
     # from a half-read header. The elapsed time tells them apart.
@@ -199,7 +204,7 @@ def _open_error(url: str, kind: Kind, exc: BaseException, elapsed: float, open_t
     return InputError(url, "not a decodable video", _reason(exc), permanent=True)
 
 
-def resolve_hwaccel(name: str) -> Optional[str]:
+def resolve_hwaccel(name: str) -> str | None:
     """source.hwaccel -> the device type to decode on, or None for software decoding."""
     return None if name == "none" else name
 
@@ -210,8 +215,8 @@ def open_input(
     open_timeout: float = 10.0,
     read_timeout: float = 5.0,
     rtsp_transport: str = "tcp",
-    hwaccel: Optional[str] = None,
-) -> "av.container.InputContainer":
+    hwaccel: str | None = None,
+) -> av.container.InputContainer:
     """An opened PyAV input container for `url`, or InputError naming the (redacted) URL.
 
     `timeout=(open, read)` bounds the connection and every packet read, so a camera that accepts
@@ -246,8 +251,9 @@ def open_input(
         if hwaccel is not None:
             # FFmpeg reports a missing or busy device the same way as a bad input: retry in software
             # once, and let that attempt decide whether the input itself is the problem.
-            log.warning("%s: hardware decoding (%s) unavailable (%s): decoding on the CPU", redact(url), hwaccel,
-                        _reason(exc))
+            log.warning(
+                "%s: hardware decoding (%s) unavailable (%s): decoding on the CPU", redact(url), hwaccel, _reason(exc)
+            )
             return open_input(url, kind, open_timeout, read_timeout, rtsp_transport, None)
         raise _open_error(url, kind, exc, time.monotonic() - t0, open_timeout) from None
 
@@ -260,11 +266,20 @@ class VideoInput:
     descriptors otherwise).
     """
 
-    def __init__(self, url: str, kind: Kind, *, open_timeout: float = 10.0, read_timeout: float = 5.0,
-                 rtsp_transport: str = "tcp", hwaccel: Optional[str] = None, threads: int = 0):
+    def __init__(
+        self,
+        url: str,
+        kind: Kind,
+        *,
+        open_timeout: float = 10.0,
+        read_timeout: float = 5.0,
+        rtsp_transport: str = "tcp",
+        hwaccel: str | None = None,
+        threads: int = 0,
+    ):
         self.url, self.kind, self.name = url, kind, redact(url)
         self.open_timeout, self.read_timeout = open_timeout, read_timeout
-        self._frames: Optional[Iterator] = None
+        self._frames: Iterator | None = None
         self._reformatter = VideoReformatter()  # one swscale context for all of this input's frames
         self.decoded = 0  # frames decoded so far
         self.bad_packets = 0  # packets skipped because they failed to decode
@@ -283,13 +298,13 @@ class VideoInput:
             raise
 
     @property
-    def fps(self) -> Optional[float]:
+    def fps(self) -> float | None:
         for rate in (self.stream.average_rate, self.stream.guessed_rate, self.stream.base_rate):
             if rate:
                 return float(rate)
         return None
 
-    def pictures(self) -> Iterator[tuple[Picture, Optional[float]]]:
+    def pictures(self) -> Iterator[tuple[Picture, float | None]]:
         """Decoded frames until end of input, not yet converted (stream.picture). A file that yields no
         frame at all raises InputError. Convert each on the thread that iterates (the pictures share
         this input's swscale context)."""
@@ -297,11 +312,11 @@ class VideoInput:
             self._frames = self._decode()
         return self._frames
 
-    def frames(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, float | None]]:
         """(uint8 RGB [H, W, 3], media time or None) until end of input."""
         return ((p.rgb(), t) for p, t in self.pictures())
 
-    def _decode(self) -> Iterator[tuple[Picture, Optional[float]]]:
+    def _decode(self) -> Iterator[tuple[Picture, float | None]]:
         packets = cast(Generator, self.container.demux(self.stream))
         bad, last_data = 0, time.monotonic()
         try:
@@ -320,9 +335,12 @@ class VideoInput:
                     self.bad_packets += 1
                     log.debug("%s: undecodable packet skipped (%s)", self.name, _reason(exc))
                     if bad > MAX_CONSECUTIVE_BAD_PACKETS:
-                        raise InputError(self.url, "not a decodable video",
-                                         f"{bad} packets in a row failed to decode: {_reason(exc)}",
-                                         permanent=self.kind not in LIVE_KINDS) from None
+                        raise InputError(
+                            self.url,
+                            "not a decodable video",
+                            f"{bad} packets in a row failed to decode: {_reason(exc)}",
+                            permanent=self.kind not in LIVE_KINDS,
+                        ) from None
                     continue
                 for vf in decoded:
                     bad = 0
@@ -334,7 +352,7 @@ class VideoInput:
             raise InputError(self.url, "not a decodable video", "no video frame could be decoded", permanent=True)
 
     @property
-    def damage(self) -> Optional[str]:
+    def damage(self) -> str | None:
         """After the last frame: why the file looks damaged (e.g. truncated), or None."""
         expected = self.stream.frames or None  # frame count from the header; 0 when unknown
         short = expected is not None and self.decoded < expected
@@ -359,7 +377,7 @@ class VideoInput:
         finally:
             self.container.close()
 
-    def __enter__(self) -> "VideoInput":
+    def __enter__(self) -> VideoInput:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -370,12 +388,13 @@ class VideoInput:
 # image folders
 # ----------------------------------------------------------------------------------------------
 
+
 def _natural_key(p: Path) -> list:
     # frame2.jpg before frame10.jpg; identical to plain sorting for zero-padded names.
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.name)]
 
 
-def read_image(path: Path) -> Optional[np.ndarray]:
+def read_image(path: Path) -> np.ndarray | None:
     """uint8 RGB [H, W, 3] or None when the file cannot be decoded."""
     try:
         # imdecode(fromfile) rather than imread: handles non-ASCII paths; IMREAD_COLOR turns gray,
@@ -410,12 +429,12 @@ class ImageFolder:
                 log.warning("%s: skipping %s (not an image; expected %s)", self.name, p.name, ", ".join(IMAGE_EXTS))
         if not self.images:
             raise InputError(url, "no images", f"expected {', '.join(IMAGE_EXTS)} files", permanent=True)
-        self.fps: Optional[float] = None
+        self.fps: float | None = None
 
-    def pictures(self) -> Iterator[tuple[Picture, Optional[float]]]:
+    def pictures(self) -> Iterator[tuple[Picture, float | None]]:
         return ((Picture(img), t) for img, t in self.frames())
 
-    def frames(self) -> Iterator[tuple[np.ndarray, Optional[float]]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, float | None]]:
         n = 0
         for p in self.images:
             img = read_image(p)
@@ -427,12 +446,12 @@ class ImageFolder:
         if n == 0:
             raise InputError(self.url, "no readable images", "every image file failed to decode", permanent=True)
 
-    damage: Optional[str] = None  # unreadable images are warned about one by one
+    damage: str | None = None  # unreadable images are warned about one by one
 
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "ImageFolder":
+    def __enter__(self) -> ImageFolder:
         return self
 
     def __exit__(self, *exc) -> None:

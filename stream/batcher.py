@@ -1,10 +1,11 @@
 """Collates frames from all cameras into batches for the detector."""
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from stream.frame import Frame
 

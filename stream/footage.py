@@ -4,12 +4,13 @@ Accepts an STC root (`training/videos/*.avi`), a folder of videos, a folder of i
 image folders. Frame counts are cross-checked (container header, demuxed packets, decoded frames)
 because PyAV is known to misread some files, notably STC's original training .avi files.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import av
 import cv2

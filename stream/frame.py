@@ -1,8 +1,9 @@
 """A decoded frame as it travels from a source to the batcher."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union, cast
+from typing import cast
 
 import numpy as np
 
@@ -19,18 +20,18 @@ class Frame:
     timestamp: float
     # As decoded: the full-size RGB image is made only if a sink draws (stream.picture). An RGB array
     # (uint8 [H, W, 3]) is accepted and wrapped.
-    picture: Union[Picture, np.ndarray]
-    small: Optional[np.ndarray] = None  # the model input (uint8 [S, S, 3]) when the source prepared it
+    picture: Picture | np.ndarray
+    small: np.ndarray | None = None  # the model input (uint8 [S, S, 3]) when the source prepared it
     # float32 [g, g, 3] optical-flow cell features against the source's previous decoded frame, when the
     # source computed them (detector.motion.FlowTracker); else the detector computes them from its state
-    flow: Optional[np.ndarray] = None
+    flow: np.ndarray | None = None
     # The source's connection (live) or pass (looped file) number. Frames of two sequences are not
     # consecutive, however close their indices: the detector neither computes flow nor smooths scores
     # across a change (a reconnect can follow minutes of outage).
     sequence: int = 0
     # Seconds since the epoch when a recorded file's frame was decoded; None when `timestamp` is already
     # epoch time (live and paced sources). Messages give every time in epoch seconds (FrameResult.epoch_ts).
-    wall_ts: Optional[float] = None
+    wall_ts: float | None = None
 
     def __post_init__(self):
         if isinstance(self.picture, np.ndarray):

@@ -3,17 +3,16 @@
 The detector needs a small square RGB image (e.g. 256x256); only drawing sinks (annotated video,
 snapshots) need the full-size RGB frame. Converting every 856x480 YUV frame to full-size RGB and then
 shrinking it cost more CPU than decoding; swscale scales and converts in one pass straight from the
-decoder's planes at a fraction of that (docs/results.md, "One camera, end to end and by stage"). So a video frame stays the
-decoder's `av.VideoFrame` until a consumer asks for `.scaled(size)` or `.rgb()`.
+decoder's planes at a fraction of that (docs/results.md, "One camera, end to end and by stage"). So a
+video frame stays the decoder's `av.VideoFrame` until a consumer asks for `.scaled(size)` or `.rgb()`.
 
 Both paths shrink by area averaging. From YUV, swscale's AREA filter scales the chroma planes at their
 own resolution; from an RGB array (image files, tests) OpenCV's INTER_AREA, which swscale's AREA filter
 on RGB input matches to a fraction of a grey level (tests/test_picture.py). The two paths differ by about
 one level on average and more on sharp colour edges, as two decoders' chroma upsampling would.
 """
-from __future__ import annotations
 
-from typing import Optional, Union
+from __future__ import annotations
 
 import av
 import cv2
@@ -45,12 +44,12 @@ class Picture:
 
     __slots__ = ("_frame", "_rgb", "_reformatter", "width", "height")
 
-    def __init__(self, source: Union["av.VideoFrame", np.ndarray], reformatter: Optional[VideoReformatter] = None):
+    def __init__(self, source: av.VideoFrame | np.ndarray, reformatter: VideoReformatter | None = None):
         if isinstance(source, np.ndarray):
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {source.dtype} {source.shape}")
-            self._frame: Optional[av.VideoFrame] = None
-            self._rgb: Optional[np.ndarray] = source
+            self._frame: av.VideoFrame | None = None
+            self._rgb: np.ndarray | None = source
             self.height, self.width = source.shape[:2]
         else:
             self._frame, self._rgb = source, None

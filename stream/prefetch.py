@@ -1,9 +1,11 @@
 """Running a producer (decoding, image reading) in a thread so it overlaps the model."""
+
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()

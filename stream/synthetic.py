@@ -19,19 +19,20 @@ randomness comes from numpy Generators seeded explicitly, and there is no module
 Units: geometry is relative to the frame (fractions of W and H) and sizes are in `u = H / 240` pixels,
 so any frame size gives the same scene. Speeds are per second and converted with the clip's fps.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
 
 import cv2
 import numpy as np
 
-AnomalyKind = Optional[str]  # "vehicle" | "offpath" | "object" | None
+AnomalyKind = str | None  # "vehicle" | "offpath" | "object" | None
 ANOMALIES = ("vehicle", "offpath", "object")
-SeedLike = Union[int, Sequence[int]]
+SeedLike = int | Sequence[int]
 
 _SHIFT = 4  # OpenCV fixed-point bits: sub-pixel positions keep slow walkers from moving in jerks
 _ONE = 1 << _SHIFT
@@ -43,9 +44,20 @@ _VEHICLE_SPEEDUP = 6.5
 _MEAN_PEOPLE = 5.0  # people on the walkway at any time, on average
 
 _SHIRTS = (
-    (30, 40, 80), (25, 25, 30), (225, 225, 220), (120, 120, 125), (160, 40, 45), (90, 30, 40),
-    (50, 90, 160), (130, 170, 200), (50, 100, 60), (110, 110, 60), (190, 170, 130), (200, 180, 90),
-    (200, 130, 150), (80, 60, 50),
+    (30, 40, 80),
+    (25, 25, 30),
+    (225, 225, 220),
+    (120, 120, 125),
+    (160, 40, 45),
+    (90, 30, 40),
+    (50, 90, 160),
+    (130, 170, 200),
+    (50, 100, 60),
+    (110, 110, 60),
+    (190, 170, 130),
+    (200, 180, 90),
+    (200, 130, 150),
+    (80, 60, 50),
 )
 _TROUSERS = ((30, 35, 60), (25, 25, 28), (70, 70, 75), (60, 80, 120), (120, 100, 80), (150, 150, 150))
 _SKIN = ((235, 195, 165), (210, 165, 130), (170, 120, 90), (120, 80, 60))
@@ -73,7 +85,7 @@ class _Painter:
     left visible. Anti-aliasing is off (LINE_8) because a blended edge pixel has no exact label.
     """
 
-    def __init__(self, rgb: np.ndarray, mask: Optional[np.ndarray]):
+    def __init__(self, rgb: np.ndarray, mask: np.ndarray | None):
         self.rgb = rgb
         self.mask = mask
         self.label = 0
@@ -238,7 +250,7 @@ def _render_background(lay: _Layout, rng: np.random.Generator) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _near_props(lay: _Layout, rng: np.random.Generator) -> list["_Prop"]:
+def _near_props(lay: _Layout, rng: np.random.Generator) -> list[_Prop]:
     """A litter bin at the walkway's near edge and a bench on the foreground lawn."""
     w, h, u = lay.w, lay.h, lay.u
     bx = 0.12 * w
@@ -247,12 +259,15 @@ def _near_props(lay: _Layout, rng: np.random.Generator) -> list["_Prop"]:
     bin_ = _Prop(y=by, rects=((bx - 4 * s, by - 10 * s, bx + 4 * s, by, (35, 75, 50)),))
     fx, fy = 0.08 * w + rng.uniform(0, 20) * u, 0.9 * h
     s = lay.scale(fy) * u
-    bench = _Prop(y=fy, rects=(
-        (fx, fy - 10 * s, fx + 32 * s, fy - 8 * s, (120, 82, 48)),
-        (fx, fy - 6 * s, fx + 32 * s, fy - 4 * s, (135, 92, 55)),
-        (fx + 2 * s, fy - 4 * s, fx + 4 * s, fy, (50, 50, 50)),
-        (fx + 29 * s, fy - 4 * s, fx + 31 * s, fy, (50, 50, 50)),
-    ))
+    bench = _Prop(
+        y=fy,
+        rects=(
+            (fx, fy - 10 * s, fx + 32 * s, fy - 8 * s, (120, 82, 48)),
+            (fx, fy - 6 * s, fx + 32 * s, fy - 4 * s, (135, 92, 55)),
+            (fx + 2 * s, fy - 4 * s, fx + 4 * s, fy, (50, 50, 50)),
+            (fx + 29 * s, fy - 4 * s, fx + 31 * s, fy, (50, 50, 50)),
+        ),
+    )
     return [bin_, bench]
 
 
@@ -294,7 +309,7 @@ class _Person:
     hair: tuple
     bag: bool
     phase: float
-    lane: Optional[float] = None  # on the walkway when set (walking along x by `heading`) ...
+    lane: float | None = None  # on the walkway when set (walking along x by `heading`) ...
     waypoints: tuple = ()  # ... else straight to each of these in turn, gone after the last one
     heading: tuple = (1.0, 0.0)
     label: int = 0
@@ -337,8 +352,15 @@ class _Person:
         p.line(hip, (x - 0.16 * h * sw, y), self.trousers, leg_t)
         if self.bag:
             p.rect(x - d * 0.2 * h, y - 0.8 * h, x - d * 0.08 * h, y - 0.55 * h, (45, 45, 50))
-        p.poly([(x - 0.13 * h, y - 0.84 * h), (x + 0.13 * h, y - 0.84 * h),
-                (x + 0.1 * h, y - 0.45 * h), (x - 0.1 * h, y - 0.45 * h)], self.shirt)
+        p.poly(
+            [
+                (x - 0.13 * h, y - 0.84 * h),
+                (x + 0.13 * h, y - 0.84 * h),
+                (x + 0.1 * h, y - 0.45 * h),
+                (x - 0.1 * h, y - 0.45 * h),
+            ],
+            self.shirt,
+        )
         sleeve = tuple(int(c * 0.8) for c in self.shirt)
         hand = (x - d * 0.14 * h * sw, y - 0.5 * h)
         p.line((x, y - 0.8 * h), hand, sleeve, max(1.5, 0.07 * h))
@@ -408,27 +430,62 @@ class _Vehicle:
         cab_x1, cab_x2 = x - 0.3 * length, x + 0.22 * length
         if d < 0:
             cab_x1, cab_x2 = x - 0.22 * length, x + 0.3 * length
-        p.poly([(cab_x1, cab_b), (cab_x2, cab_b), (cab_x2 - d * 0.08 * length, cab_t),
-                (cab_x1 + d * 0.04 * length, cab_t)], self.colour)
+        p.poly(
+            [
+                (cab_x1, cab_b),
+                (cab_x2, cab_b),
+                (cab_x2 - d * 0.08 * length, cab_t),
+                (cab_x1 + d * 0.04 * length, cab_t),
+            ],
+            self.colour,
+        )
         glass = (150, 190, 215)
         mid = (cab_x1 + cab_x2) / 2
-        p.poly([(cab_x1 + 0.03 * length, cab_b - 0.04 * s), (mid - 0.02 * length, cab_b - 0.04 * s),
-                (mid - 0.02 * length, cab_t + 0.06 * s), (cab_x1 + 0.06 * length, cab_t + 0.06 * s)], glass)
-        p.poly([(mid + 0.02 * length, cab_b - 0.04 * s), (cab_x2 - 0.03 * length, cab_b - 0.04 * s),
-                (cab_x2 - 0.08 * length, cab_t + 0.06 * s), (mid + 0.02 * length, cab_t + 0.06 * s)], glass)
+        p.poly(
+            [
+                (cab_x1 + 0.03 * length, cab_b - 0.04 * s),
+                (mid - 0.02 * length, cab_b - 0.04 * s),
+                (mid - 0.02 * length, cab_t + 0.06 * s),
+                (cab_x1 + 0.06 * length, cab_t + 0.06 * s),
+            ],
+            glass,
+        )
+        p.poly(
+            [
+                (mid + 0.02 * length, cab_b - 0.04 * s),
+                (cab_x2 - 0.03 * length, cab_b - 0.04 * s),
+                (cab_x2 - 0.08 * length, cab_t + 0.06 * s),
+                (mid + 0.02 * length, cab_t + 0.06 * s),
+            ],
+            glass,
+        )
         p.rect(x - length / 2, body_bot - 0.08 * s, x + length / 2, body_bot, (40, 40, 45))
         front = x + d * length / 2
-        p.rect(min(front, front - d * 0.06 * length), body_top + 0.06 * s,
-               max(front, front - d * 0.06 * length), body_top + 0.16 * s, (255, 240, 150))
+        p.rect(
+            min(front, front - d * 0.06 * length),
+            body_top + 0.06 * s,
+            max(front, front - d * 0.06 * length),
+            body_top + 0.16 * s,
+            (255, 240, 150),
+        )
         back = x - d * length / 2
-        p.rect(min(back, back + d * 0.04 * length), body_top + 0.06 * s,
-               max(back, back + d * 0.04 * length), body_top + 0.16 * s, (220, 20, 20))
+        p.rect(
+            min(back, back + d * 0.04 * length),
+            body_top + 0.06 * s,
+            max(back, back + d * 0.04 * length),
+            body_top + 0.16 * s,
+            (220, 20, 20),
+        )
         for wx in (x - 0.3 * length, x + 0.3 * length):
             p.circle((wx, y - r), r, (20, 20, 22))
             p.circle((wx, y - r), 0.5 * r, (170, 170, 175))
             a = self.angle
-            p.line((wx - 0.5 * r * math.cos(a), y - r - 0.5 * r * math.sin(a)),
-                   (wx + 0.5 * r * math.cos(a), y - r + 0.5 * r * math.sin(a)), (60, 60, 60), 1)
+            p.line(
+                (wx - 0.5 * r * math.cos(a), y - r - 0.5 * r * math.sin(a)),
+                (wx + 0.5 * r * math.cos(a), y - r + 0.5 * r * math.sin(a)),
+                (60, 60, 60),
+                1,
+            )
 
     def bbox(self, lay: _Layout) -> tuple[float, float, float, float]:
         length, s = self.dims(lay)
@@ -482,13 +539,18 @@ class _Crate:
             p.ellipse((self.x, y1), (0.35 * w, 0.1 * h), (200, 85, 15))
             return
         top = 0.3 * h
-        p.poly([(x1, y1), (x2, y1), (x2 - 0.12 * w, y1 - top), (x1 + 0.12 * w, y1 - top)],
-               (235, 225, 140) if self.design == 0 else (240, 240, 240))
+        p.poly(
+            [(x1, y1), (x2, y1), (x2 - 0.12 * w, y1 - top), (x1 + 0.12 * w, y1 - top)],
+            (235, 225, 140) if self.design == 0 else (240, 240, 240),
+        )
         if self.design == 0:
             p.rect(x1, y1, x2, y2, (250, 200, 0))
             period = 0.22 * w
-            p.pattern([(x1, y1), (x2, y1), (x2, y2), (x1, y2)],
-                      lambda xx, yy: ((xx + yy) % period) < 0.5 * period, (20, 20, 20))
+            p.pattern(
+                [(x1, y1), (x2, y1), (x2, y2), (x1, y2)],
+                lambda xx, yy: ((xx + yy) % period) < 0.5 * period,
+                (20, 20, 20),
+            )
         else:
             n = 4
             cw, ch = w / n, h / 3
@@ -527,8 +589,9 @@ class Scene:
         if w < 16 or h < 16:
             raise ValueError(f"size too small: {self.size}")
         rng = _rngs(self.camera, 1)[0]
-        self._layout = _Layout(w, h, y0=0.5 + rng.uniform(-0.02, 0.02), tilt=rng.uniform(0.04, 0.08),
-                               bow=rng.uniform(0.02, 0.05))
+        self._layout = _Layout(
+            w, h, y0=0.5 + rng.uniform(-0.02, 0.02), tilt=rng.uniform(0.04, 0.08), bow=rng.uniform(0.02, 0.05)
+        )
         self._background = _render_background(self._layout, rng)
         self._props = _near_props(self._layout, rng)
 
@@ -541,8 +604,9 @@ class Scene:
             prop.draw(self._layout, painter)
         return out
 
-    def clip(self, frames: int, *, seed: SeedLike = 0, fps: float = 24.0,
-             anomaly: AnomalyKind = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def clip(
+        self, frames: int, *, seed: SeedLike = 0, fps: float = 24.0, anomaly: AnomalyKind = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield `frames` (rgb, mask) pairs. The same seed with `anomaly=None` gives the same people,
         lighting and noise, so only the anomalous object (and its shadow) differs between the two."""
         if anomaly not in (None, *ANOMALIES):
@@ -586,7 +650,7 @@ class Scene:
             noisy = rgb.astype(np.float32)
             noisy *= gain
             off = int(rng_cam.integers(0, n_px + 1))
-            noisy += pool[off:off + n_px].reshape(rgb.shape)
+            noisy += pool[off : off + n_px].reshape(rgb.shape)
             np.clip(noisy, 0, 255, out=noisy)
             yield noisy.astype(np.uint8), mask
             for a in movers:
@@ -608,8 +672,9 @@ class Scene:
             while walked < lay.w + 24 * lay.u:
                 x = walked - 12 * lay.u if d > 0 else lay.w + 12 * lay.u - walked
                 lane = self._lane(rng, d)
-                people.append(_random_person(rng, fps, lay.u, x=x, y=lay.walkway_y(x, lane), lane=lane,
-                                             heading=(d, 0.0)))
+                people.append(
+                    _random_person(rng, fps, lay.u, x=x, y=lay.walkway_y(x, lane), lane=lane, heading=(d, 0.0))
+                )
                 walked += spacing * rng.uniform(0.5, 1.5)
             next_arrival.append(max(0.0, spacing * rng.uniform(0.5, 1.5) - nearest) / v_ref)
         return people, next_arrival
@@ -634,9 +699,13 @@ class Scene:
         start = max(1, int(round(frames * rng.uniform(0.12, 0.2))))
         if kind == "vehicle":
             d = 1.0 if rng.random() < 0.5 else -1.0
-            v = _Vehicle(x=0.0, lane=float(rng.uniform(-0.3, 0.3)), direction=d,
-                         speed=_VEHICLE_SPEEDUP * _WALK_PX_S * lay.u / fps * rng.uniform(0.9, 1.1),
-                         colour=_CAR_COLOURS[rng.integers(len(_CAR_COLOURS))])
+            v = _Vehicle(
+                x=0.0,
+                lane=float(rng.uniform(-0.3, 0.3)),
+                direction=d,
+                speed=_VEHICLE_SPEEDUP * _WALK_PX_S * lay.u / fps * rng.uniform(0.9, 1.1),
+                colour=_CAR_COLOURS[rng.integers(len(_CAR_COLOURS))],
+            )
             v.y = lay.walkway_y(0.0 if d > 0 else lay.w, v.lane)  # its size there, to start just out of view
             half = v.dims(lay)[0] / 2
             v.x = -half if d > 0 else lay.w + half
@@ -700,9 +769,17 @@ def _check_even(size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
-def render_clip(path: Union[str, os.PathLike], *, seed: int = 0, size: tuple[int, int] = (320, 240),
-                fps: float = 24, frames: int = 240, anomaly: AnomalyKind = None, camera: int = 0,
-                **writer_kw) -> np.ndarray:
+def render_clip(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    fps: float = 24,
+    frames: int = 240,
+    anomaly: AnomalyKind = None,
+    camera: int = 0,
+    **writer_kw,
+) -> np.ndarray:
     """Write one clip seen by `camera` to a video file (codec by extension, see VideoWriter).
 
     `seed` drives the activity only: a clip of camera 0 is a plausible test clip for a bank fitted
@@ -721,9 +798,18 @@ def render_clip(path: Union[str, os.PathLike], *, seed: int = 0, size: tuple[int
     return masks
 
 
-def generate_stc(root: Union[str, os.PathLike], *, seed: int = 0, size: tuple[int, int] = (320, 240),
-                 fps: float = 24, train_videos: int = 2, train_frames: int = 240, test_videos: int = 3,
-                 test_frames: int = 120, camera: int = 0) -> dict:
+def generate_stc(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    fps: float = 24,
+    train_videos: int = 2,
+    train_frames: int = 240,
+    test_videos: int = 3,
+    test_frames: int = 120,
+    camera: int = 0,
+) -> dict:
     """Write a small data set in the STC layout under `root` and return a summary of it.
 
     root/training/videos/01_NNN.avi                 normal footage (MJPEG, frame-exact)
@@ -773,16 +859,26 @@ def generate_stc(root: Union[str, os.PathLike], *, seed: int = 0, size: tuple[in
         labels = masks.any(axis=(1, 2)).astype(np.uint8)
         np.save(os.path.join(fmask_dir, name + ".npy"), labels)
         np.save(os.path.join(pmask_dir, name + ".npy"), masks)
-        test.append({
-            "name": name, "anomaly": kind, "frames_dir": vdir, "frames": test_frames,
-            "frame_mask": os.path.join(fmask_dir, name + ".npy"),
-            "pixel_mask": os.path.join(pmask_dir, name + ".npy"),
-            "anomalous_frames": int(labels.sum()),
-        })
+        test.append(
+            {
+                "name": name,
+                "anomaly": kind,
+                "frames_dir": vdir,
+                "frames": test_frames,
+                "frame_mask": os.path.join(fmask_dir, name + ".npy"),
+                "pixel_mask": os.path.join(pmask_dir, name + ".npy"),
+                "anomalous_frames": int(labels.sum()),
+            }
+        )
 
     return {
-        "root": root, "seed": seed, "camera": camera, "size": (w, h), "fps": fps,
-        "train": train, "test": test,
+        "root": root,
+        "seed": seed,
+        "camera": camera,
+        "size": (w, h),
+        "fps": fps,
+        "train": train,
+        "test": test,
         "train_frames_total": train_videos * train_frames,
         "test_frames_total": test_videos * test_frames,
         "anomalous_frames_total": sum(t["anomalous_frames"] for t in test),

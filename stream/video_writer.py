@@ -14,15 +14,17 @@ Sizes: 4:2:0 / 4:2:2 pixel formats need even dimensions. Odd widths/heights are 
 replicated row/column (never resized), so the decoded video is the padded size and the original
 pixels sit unchanged at its top-left; `size` reports what is actually encoded.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from fractions import Fraction
-from typing import Iterable, Optional, Union, cast
+from typing import cast
 
 import numpy as np
 
-FpsLike = Union[int, float, Fraction]
+FpsLike = int | float | Fraction
 
 # Pixel formats whose chroma is subsampled horizontally (w) and/or vertically (h).
 _SUBSAMPLED = {
@@ -90,14 +92,14 @@ class VideoWriter:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         width: int,
         height: int,
         fps: FpsLike,
         codec: str = "libx264",
         crf: int = 23,
         pix_fmt: str = "yuv420p",
-        options: Optional[dict[str, str]] = None,
+        options: dict[str, str] | None = None,
     ) -> None:
         import av
 
@@ -142,8 +144,7 @@ class VideoWriter:
             raise ValueError("write() on a closed VideoWriter")
         if rgb.dtype != np.uint8 or rgb.shape != (self.height, self.width, 3):
             raise ValueError(
-                f"expected uint8 frame of shape {(self.height, self.width, 3)}, "
-                f"got {rgb.dtype} {rgb.shape}"
+                f"expected uint8 frame of shape {(self.height, self.width, 3)}, got {rgb.dtype} {rgb.shape}"
             )
         if self._pad_x or self._pad_y:
             rgb = np.pad(rgb, ((0, self._pad_y), (0, self._pad_x), (0, 0)), mode="edge")
@@ -169,7 +170,7 @@ class VideoWriter:
         finally:
             self._container.close()
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -191,7 +192,7 @@ class VideoWriter:
                 pass
 
 
-def write_video(path: Union[str, os.PathLike], frames: Iterable[np.ndarray], fps: FpsLike, **kw) -> int:
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: FpsLike, **kw) -> int:
     """Write every RGB frame of `frames` to `path`; the size comes from the first frame.
 
     Returns the number of frames written. An empty iterable writes nothing and creates no file.
