@@ -205,6 +205,12 @@ class BankConfig(Section):
         description="fraction of normal frames kept out of the bank to calibrate thresholds",
     )
     target_false_alarms_per_hour: float = Field(1.0, gt=0.0)
+    tail_model: Literal["normal", "pot"] = Field(
+        "normal",
+        description="how the frame threshold extrapolates the held-out normal scores to the target rate: 'normal' "
+        "(mean + z std of frames) or 'pot' (a generalised Pareto tail and the extremal index: alarms are runs "
+        "of frames, detector/evt.py); read when a bank is loaded, no refit needed",
+    )
     pixel_quantile: float = Field(
         0.999, gt=0.5, lt=1.0, description="held-out normal pixel quantile used as the region threshold"
     )

@@ -6,6 +6,7 @@ coreset's budget and one set of thresholds, and a real camera pooled with others
 (docs/history.md, section 4e). One process still serves them all: the detectors share one backbone, each
 live batch from the batcher is scored per bank, and the results come back in the batch's order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -42,9 +43,11 @@ class RoutedBatch:
 @dataclass(frozen=True)
 class BankThresholds:
     """What a loaded bank's detector alerts at, and its footage's frame rate (eval's report)."""
+
     frame: float
     pixel: float
     fps: float
+    predicted_alarms_per_hour: float | None = None  # at `frame`, from the held-out tail (detector/evt.py)
 
 
 class BankRouter:
@@ -61,12 +64,17 @@ class BankRouter:
     `stream_kind` (e.g. "camera") prefixes a load error with the stream that asked for the bank.
     """
 
-    def __init__(self, cfg: AppConfig, banks: Mapping[str, str | Path], *, hold_one: bool = False,
-                 stream_kind: str | None = None):
+    def __init__(
+        self, cfg: AppConfig, banks: Mapping[str, str | Path], *, hold_one: bool = False, stream_kind: str | None = None
+    ):
         if not banks:
             raise ValueError("no streams")
-        self.cfg, self.banks, self.hold_one, self.stream_kind = cfg, {k: Path(v) for k, v in banks.items()}, \
-            hold_one, stream_kind
+        self.cfg, self.banks, self.hold_one, self.stream_kind = (
+            cfg,
+            {k: Path(v) for k, v in banks.items()},
+            hold_one,
+            stream_kind,
+        )
         self._loaded: dict[Path, Detector] = {}  # in load order; at most one with hold_one
         self.thresholds: dict[Path, BankThresholds] = {}  # of every bank loaded so far, in load order
         if not hold_one:
@@ -74,14 +82,18 @@ class BankRouter:
                 self.detector_for(name)
 
     @classmethod
-    def for_cameras(cls, cfg: AppConfig, default_bank: str | Path | None) -> "BankRouter":
+    def for_cameras(cls, cfg: AppConfig, default_bank: str | Path | None) -> BankRouter:
         """One detector per distinct bank of `cfg.sources` (a source without `bank` takes `default_bank`)."""
         missing = [s.name for s in cfg.sources if s.bank is None and default_bank is None]
         if missing:
-            raise UserError(f"sources: camera(s) {', '.join(missing)} have no memory bank "
-                            "(set sources[].bank, or give --bank for every camera without one)")
-        banks = {s.name: Path(s.bank if s.bank is not None else default_bank).resolve()  # type: ignore[arg-type]
-                 for s in cfg.sources}
+            raise UserError(
+                f"sources: camera(s) {', '.join(missing)} have no memory bank "
+                "(set sources[].bank, or give --bank for every camera without one)"
+            )
+        banks = {
+            s.name: Path(s.bank if s.bank is not None else default_bank).resolve()  # type: ignore[arg-type]
+            for s in cfg.sources
+        }
         return cls(cfg, banks, stream_kind="camera")
 
     def detector_for(self, stream: str) -> Detector:
@@ -104,7 +116,9 @@ class BankRouter:
             if self.stream_kind is None:
                 raise
             raise UserError(f"{self.stream_kind} {stream}: {err}") from None
-        self.thresholds[path] = BankThresholds(det.thresholds.frame, det.thresholds.pixel, det.source_fps)
+        self.thresholds[path] = BankThresholds(
+            det.thresholds.frame, det.thresholds.pixel, det.source_fps, det.thresholds.predicted_alarms_per_hour
+        )
         return det
 
     @property
@@ -149,7 +163,15 @@ class BankRouter:
             index = torch.as_tensor(rows, device=pyramid.device)
             # Indexing keeps the pyramid channels-last (index_select would not): the scorer reads its
             # [cells, C] rows as a view.
-            parts.append((rows, det.score_batch([frames[i] for i in rows], all_components=all_components,
-                                                model_input=model_input[rows],
-                                                features=(pyramid[index], global_features[index]))))
+            parts.append(
+                (
+                    rows,
+                    det.score_batch(
+                        [frames[i] for i in rows],
+                        all_components=all_components,
+                        model_input=model_input[rows],
+                        features=(pyramid[index], global_features[index]),
+                    ),
+                )
+            )
         return RoutedBatch(parts, len(frames))

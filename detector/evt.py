@@ -18,6 +18,7 @@ What an operator counts is alerts per camera-hour, not frames above a threshold.
 `predicted_rate` gives the alarms per hour a threshold is expected to raise. `StreamingPot` keeps the
 model up to date from live scores that raised no alarm (SPOT's update), with bounded memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,14 @@ class PotModel:
     n: int
 
     @classmethod
-    def fit(cls, scores: np.ndarray, fps: float, init_quantile: float = 0.9, run: int | None = None,
-            theta: float | None = None) -> "PotModel":
+    def fit(
+        cls,
+        scores: np.ndarray,
+        fps: float,
+        init_quantile: float = 0.9,
+        run: int | None = None,
+        theta: float | None = None,
+    ) -> PotModel:
         """Fit on normal scores in time order (one stream, or streams concatenated: a join adds at most
         one spurious cluster). `run`: frames below u that end a cluster (default: one second of frames).
         `theta` overrides the estimated extremal index (1.0 treats frames as independent)."""
@@ -136,11 +143,12 @@ class PotModel:
         return self.theta * self.exceedance(threshold) * 3600.0 * self.fps
 
 
-def count_alarms(scores: np.ndarray, threshold: float, run: int) -> int:
+def count_alarms(scores: np.ndarray, threshold: float, run: int, inclusive: bool = False) -> int:
     """Clusters of exceedances of `threshold` in one stream of scores (the measured counterpart of
-    PotModel.predicted_rate): a cluster ends after more than `run` frames below the threshold."""
+    PotModel.predicted_rate): a cluster ends after more than `run` frames below the threshold.
+    `inclusive`: a score equal to the threshold counts (the alert tracker's `>=`)."""
     x = np.asarray(scores, dtype=np.float64)
-    idx = np.flatnonzero(x > threshold)
+    idx = np.flatnonzero(x >= threshold if inclusive else x > threshold)
     if len(idx) == 0:
         return 0
     return 1 + int(np.count_nonzero(np.diff(idx) > run))
@@ -156,8 +164,7 @@ class StreamingPot:
     the camera's frame rate and scene dynamics, which live normal scores below u do not re-estimate well.
     """
 
-    def __init__(self, model: PotModel, alarms_per_hour: float, max_excesses: int = 5000,
-                 refit_every: int = 100):
+    def __init__(self, model: PotModel, alarms_per_hour: float, max_excesses: int = 5000, refit_every: int = 100):
         self.model = model
         self.alarms_per_hour = float(alarms_per_hour)
         self.threshold = model.threshold_for_rate(alarms_per_hour)
@@ -166,7 +173,8 @@ class StreamingPot:
         q = (np.arange(n_tail) + 0.5) / n_tail
         seed = PotModel(model.u, model.xi, model.sigma, 1.0, 1.0, model.fps, n_tail)
         self._excesses: deque[float] = deque(
-            (seed.threshold_for_probability(float(1 - qi)) - model.u for qi in q), maxlen=max_excesses)
+            (seed.threshold_for_probability(float(1 - qi)) - model.u for qi in q), maxlen=max_excesses
+        )
         self._seen = model.n
         self._above = n_tail
         self._new = 0

@@ -1,4 +1,5 @@
 """Offline evaluation on an STC-layout test set: frame AUROC (micro, macro), pixel AUROC, plots."""
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configs.schema import AppConfig
 from configs import jsonsafe
 from configs.errors import UserError
+from configs.schema import AppConfig
 from detector.cameras import BankRouter
 from detector.detector import Detector, resize_batch
+from detector.evt import count_alarms
 from detector.scenes import read_index, scene_of
 from evaluation.metrics import PixelAuroc, auroc
 from evaluation.stc import TestVideo, load_test_set
@@ -35,7 +37,7 @@ def _batches(videos: list[TestVideo], every: int, bs: int, with_prev: bool = Fal
     for v in videos:
         idx = list(range(0, len(v.frames), every))
         for s in range(0, len(idx), bs):
-            chunk = idx[s:s + bs]
+            chunk = idx[s : s + bs]
             prev = [read_image(v.frames[i - 1]) if i > 0 else None for i in chunk] if with_prev else None
             yield v.name, chunk, [read_image(v.frames[i]) for i in chunk], prev
 
@@ -43,15 +45,23 @@ def _batches(videos: list[TestVideo], every: int, bs: int, with_prev: bool = Fal
 def metric_maps(maps: torch.Tensor) -> np.ndarray:
     """Anomaly maps [B, S, S] at the metric resolution (METRIC_SIZE^2, bilinear), float32."""
     if maps.shape[-1] != METRIC_SIZE:
-        maps = F.interpolate(maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = F.interpolate(
+            maps.unsqueeze(1), size=(METRIC_SIZE, METRIC_SIZE), mode="bilinear", align_corners=False
+        ).squeeze(1)
     return maps.float().cpu().numpy()
 
 
 def metric_masks(masks: np.ndarray, idx) -> np.ndarray:
     """bool [len(idx), METRIC_SIZE, METRIC_SIZE]: frames `idx` of a video's pixel masks, nearest-neighbour."""
-    return np.stack([cv2.resize(np.ascontiguousarray(masks[i]), (METRIC_SIZE, METRIC_SIZE),
-                                interpolation=cv2.INTER_NEAREST) for i in idx]) > 0
+    return (
+        np.stack(
+            [
+                cv2.resize(np.ascontiguousarray(masks[i]), (METRIC_SIZE, METRIC_SIZE), interpolation=cv2.INTER_NEAREST)
+                for i in idx
+            ]
+        )
+        > 0
+    )
 
 
 def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
@@ -71,11 +81,20 @@ def smooth_scores(x: np.ndarray, mode: str, window: int) -> np.ndarray:
     raise ValueError(f"unknown smoothing {mode!r}")
 
 
-def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: float | list[float], fps: float,
-                     every: int = 1) -> dict:
+def false_alarm_rate(
+    scores: list[np.ndarray],
+    labels: list[np.ndarray],
+    thr: float | list[float],
+    fps: float,
+    every: int = 1,
+    run: int = 1,
+) -> dict:
     """Alerts per hour of normal footage: rising edges of score >= thr (one, or one per video) inside
-    normal stretches (maximal runs of label 0 within a video), over their duration at the source fps."""
-    edges, frames = 0, 0
+    normal stretches (maximal runs of label 0 within a video), over their duration at the source fps.
+    `alarms` counts them as the threshold's tail model predicts them (detector/evt.py): runs of frames
+    above the threshold, runs fewer than `run` source frames apart counting as one."""
+    edges, frames, runs = 0, 0, 0
+    gap = max(1, round(run / max(every, 1)))
     per_video = thr if isinstance(thr, (list, tuple)) else [thr] * len(scores)
     for s, lab, t in zip(scores, labels, per_video):
         normal = lab == 0
@@ -89,11 +108,17 @@ def false_alarm_rate(scores: list[np.ndarray], labels: list[np.ndarray], thr: fl
                 j += 1
             a = s[i:j] >= t
             edges += int(a[0]) + int(np.count_nonzero(a[1:] & ~a[:-1]))
+            runs += count_alarms(s[i:j], t, gap, inclusive=True)
             frames += j - i
             i = j
     hours = frames * every / max(fps, 1e-6) / 3600.0
-    return {"false_alarms": edges, "normal_hours": hours,
-            "false_alarms_per_hour": edges / hours if hours > 0 else float("nan")}
+    return {
+        "false_alarms": edges,
+        "normal_hours": hours,
+        "false_alarms_per_hour": edges / hours if hours > 0 else float("nan"),
+        "alarms": runs,
+        "alarms_per_hour": runs / hours if hours > 0 else float("nan"),
+    }
 
 
 @dataclass
@@ -101,13 +126,14 @@ class SceneRouting:
     """The bank of each test video (for a per-scene bank, detector/scenes.py, its scene's), over one
     `BankRouter` that holds one scene's detector at a time (test videos come in name order, so a scene's
     videos are consecutive); all share one backbone."""
+
     router: BankRouter
     scene: dict[str, str | None]  # test video -> its scene (None: one bank for all)
     scene_of_bank: dict[Path, str | None]
     per_scene: bool
 
     @classmethod
-    def of(cls, cfg: AppConfig, bank_dir: str | Path, videos: list[TestVideo]) -> "SceneRouting":
+    def of(cls, cfg: AppConfig, bank_dir: str | Path, videos: list[TestVideo]) -> SceneRouting:
         bank_dir = Path(bank_dir)
         scene_banks = read_index(bank_dir)
         if scene_banks is None:
@@ -117,12 +143,16 @@ class SceneRouting:
         scene = {v.name: scene_of(v.name) for v in videos}
         unnamed = [n for n, s in scene.items() if s is None]
         if unnamed:
-            raise UserError(f"{bank_dir}: a per-scene bank, but test videos {', '.join(unnamed[:5])} do not follow "
-                            "STC's <scene>_<clip> naming (e.g. 01_0014)")
+            raise UserError(
+                f"{bank_dir}: a per-scene bank, but test videos {', '.join(unnamed[:5])} do not follow "
+                "STC's <scene>_<clip> naming (e.g. 01_0014)"
+            )
         missing = sorted({s for s in scene.values() if s not in scene_banks})
         if missing:
-            raise UserError(f"{bank_dir}: no bank for scene(s) {', '.join(missing)} of the test set "
-                            f"(it has {', '.join(scene_banks) or 'none'}; fit on training footage of every scene)")
+            raise UserError(
+                f"{bank_dir}: no bank for scene(s) {', '.join(missing)} of the test set "
+                f"(it has {', '.join(scene_banks) or 'none'}; fit on training footage of every scene)"
+            )
         router = BankRouter(cfg, {name: scene_banks[s] for name, s in scene.items()}, hold_one=True)
         return cls(router, scene, {path: s for s, path in scene_banks.items()}, True)
 
@@ -138,6 +168,7 @@ class SceneRouting:
 @dataclass
 class VideoScores:
     """One test video's scored frames, batch by batch."""
+
     scores: list[np.ndarray] = field(default_factory=list)
     components: dict[str, list[np.ndarray]] = field(default_factory=dict)
     indices: list[int] = field(default_factory=list)
@@ -151,8 +182,9 @@ class ScoredTestSet:
     elapsed_s: float
 
 
-def score_video_batch(det: Detector, camera_id: str, images: list[np.ndarray],
-                        previous: list[np.ndarray | None] | None):
+def score_video_batch(
+    det: Detector, camera_id: str, images: list[np.ndarray], previous: list[np.ndarray | None] | None
+):
     """(SpadeOutput, components, smoothed frame scores) of consecutive images of one camera, on the
     detector's offline path: `previous` are the true previous frames when images are not consecutive,
     else the camera's own previous frame is used."""
@@ -166,8 +198,9 @@ def score_video_batch(det: Detector, camera_id: str, images: list[np.ndarray],
     return out, components, det.smoothed_frame_scores(components, [camera_id] * len(images))
 
 
-def _score_test_set(cfg: AppConfig, videos: list[TestVideo], routing: SceneRouting, every: int,
-                    progress: bool) -> ScoredTestSet:
+def _score_test_set(
+    cfg: AppConfig, videos: list[TestVideo], routing: SceneRouting, every: int, progress: bool
+) -> ScoredTestSet:
     """Every sampled test frame scored against its video's bank; pixel AUROC accumulated on the way."""
     total = sum(len(range(0, len(v.frames), every)) for v in videos)
     per_video = {v.name: VideoScores() for v in videos}
@@ -176,15 +209,13 @@ def _score_test_set(cfg: AppConfig, videos: list[TestVideo], routing: SceneRouti
     by_name = {v.name: v for v in videos}
     masks_cache: dict[str, np.ndarray | None] = {}
     with_prev = cfg.detector.needs_flow and every > 1
-    batches = prefetch(lambda: _batches(videos, every, cfg.detector.batch_size, with_prev), maxsize=4,
-                       name="eval-read")
+    batches = prefetch(lambda: _batches(videos, every, cfg.detector.batch_size, with_prev), maxsize=4, name="eval-read")
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="eval", unit="frame", disable=not progress, dynamic_ncols=True)
     try:
         for name, idx, images, prev in batches:
             # One camera id per video: motion state and live smoothing never cross videos.
-            out, components, scores = score_video_batch(routing.router.detector_for(name), f"eval-{name}",
-                                                          images, prev)
+            out, components, scores = score_video_batch(routing.router.detector_for(name), f"eval-{name}", images, prev)
             rec = per_video[name]
             rec.scores.append(scores)
             rec.indices.extend(idx)
@@ -219,9 +250,12 @@ def _video_results(v: TestVideo, rec: VideoScores, pixel: PixelAuroc, smoothing:
     lab = v.labels[idx]
     components = {k: np.concatenate(parts) for k, parts in rec.components.items()}
     report = {
-        "n_frames": int(len(idx)), "n_anomalous": int(lab.sum()),
-        "frame_auroc": auroc(lab, s), "pixel_auroc": pixel.value(),
-        "frame_indices": idx.tolist(), "scores": [round(float(x), 6) for x in s],
+        "n_frames": int(len(idx)),
+        "n_anomalous": int(lab.sum()),
+        "frame_auroc": auroc(lab, s),
+        "pixel_auroc": pixel.value(),
+        "frame_indices": idx.tolist(),
+        "scores": [round(float(x), 6) for x in s],
         "labels": lab.astype(int).tolist(),
         "components": {k: [round(float(x), 5) for x in c] for k, c in components.items()},
     }
@@ -240,8 +274,17 @@ def _per_scene(videos: list[TestVideo], routing: SceneRouting, results: list[Vid
     return out
 
 
-def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: str | Path, every: int = 1,
-             smoothing: str = "none", window: int = 1, progress: bool = True, plots: bool = True) -> dict:
+def evaluate(
+    cfg: AppConfig,
+    data: str | Path,
+    bank_dir: str | Path,
+    out_dir: str | Path,
+    every: int = 1,
+    smoothing: str = "none",
+    window: int = 1,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict:
     """Score an STC-layout test set against a bank (or each test video against its scene's bank) and write
     metrics.json. Frame scores of different scenes are pooled as they are (micro AUROC): every bank's
     distances are measured in the same backbone's feature space."""
@@ -250,8 +293,9 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     routing = SceneRouting.of(cfg, bank_dir, videos)
     out_dir.mkdir(parents=True, exist_ok=True)
     scored = _score_test_set(cfg, videos, routing, every, progress)
-    results = [_video_results(v, scored.videos[v.name], scored.pixel_by_video[v.name], smoothing, window)
-               for v in videos]
+    results = [
+        _video_results(v, scored.videos[v.name], scored.pixel_by_video[v.name], smoothing, window) for v in videos
+    ]
     videos_out = {v.name: r.report for v, r in zip(videos, results)}
     labels = np.concatenate([r.labels for r in results])
     scores = np.concatenate([r.scores for r in results])
@@ -264,8 +308,14 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
     thr = [routing.threshold_of(v.name) for v in videos]
     alarm = scores >= np.concatenate([np.full(len(r.scores), t) for r, t in zip(results, thr)])
     fps_src = float(np.median([t.fps for t in routing.router.thresholds.values()]))
-    fa = false_alarm_rate([np.asarray(r["scores"]) for r in videos_out.values()],
-                          [np.asarray(r["labels"]) for r in videos_out.values()], thr, fps_src, every)
+    fa = false_alarm_rate(
+        [np.asarray(r["scores"]) for r in videos_out.values()],
+        [np.asarray(r["labels"]) for r in videos_out.values()],
+        thr,
+        fps_src,
+        every,
+        run=max(1, round(cfg.alerts.exit_duration_s * fps_src)),
+    )
     total = sum(len(range(0, len(v.frames), every)) for v in videos)
     elapsed = scored.elapsed_s
     metrics = {
@@ -287,6 +337,8 @@ def evaluate(cfg: AppConfig, data: str | Path, bank_dir: str | Path, out_dir: st
             "recall": float(alarm[labels == 1].mean()) if labels.any() else float("nan"),
             "false_positive_rate": float(alarm[labels == 0].mean()) if (labels == 0).any() else float("nan"),
             **fa,
+            "predicted_alarms_per_hour": routing.summary("predicted_alarms_per_hour"),
+            "tail_model": cfg.bank.tail_model,
         },
         "pixel_threshold": routing.summary("pixel"),
         "fps": total / elapsed if elapsed > 0 else float("nan"),

@@ -1,11 +1,13 @@
 """Peaks-over-threshold alarm rates (detector/evt.py) on synthetic scores whose tails are known."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-from scipy.stats import genpareto, t as student_t
+from scipy.stats import genpareto
+from scipy.stats import t as student_t
 
 from detector.evt import PotModel, StreamingPot, count_alarms, extremal_index, fit_gpd
 from detector.framescore import tail_threshold
@@ -98,3 +100,26 @@ def test_bad_input_is_refused():
         PotModel.fit(np.arange(10.0), FPS, init_quantile=1.0)
     constant = PotModel.fit(np.ones(100), FPS)
     assert constant.threshold_for_rate(1.0) >= 1.0
+
+
+def test_a_bank_calibrated_by_its_tail_model(env):
+    """bank.tail_model chooses the frame threshold from the same held-out scores at load time: 'pot' hits
+    the target rate by its own prediction, 'normal' (the default) keeps the normal-fit threshold and
+    reports what the tail predicts at it."""
+    import configs
+    from detector.detector import Detector
+    from tests.helpers import base_cfg
+
+    normal = Detector.load(base_cfg(), env / "bank").thresholds
+    cfg = base_cfg()
+    cfg.bank.tail_model = "pot"
+    pot = Detector.load(cfg, env / "bank").thresholds
+    target = normal.calibration["target_false_alarms_per_hour"]
+    fc_normal, fc_pot = normal.frame_calibration(), pot.frame_calibration()
+    assert fc_normal["tail_model"] == "normal" and fc_pot["tail_model"] == "pot"
+    assert fc_pot["predicted_alarms_per_hour"] == pytest.approx(target, rel=1e-6)
+    assert fc_normal["predicted_alarms_per_hour"] > 0 and math.isfinite(fc_normal["threshold"])
+    assert pot.frame == fc_pot["threshold"] != normal.frame
+    assert configs.parse({"bank": {"tail_model": "pot"}}).bank.tail_model == "pot"
+    with pytest.raises(Exception, match="tail_model"):
+        configs.parse({"bank": {"tail_model": "gumbel"}})

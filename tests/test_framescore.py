@@ -1,5 +1,6 @@
 """Frame scores: region scores, held-out normalisation, calibration from held-out frames only, smoothing,
 and the realised false-alarm rate reported by eval."""
+
 import numpy as np
 import pytest
 
@@ -48,6 +49,10 @@ def test_false_alarm_rate_counts_rising_edges_in_normal_stretches():
     assert fa["false_alarms"] == 3
     assert fa["normal_hours"] == pytest.approx(8 / 10 / 3600)
     assert fa["false_alarms_per_hour"] == pytest.approx(3 / (8 / 10 / 3600))
+    # as alarms (runs of frames above, runs within `run` frames of each other counting once): the edges at
+    # 1 and 4 are 2 frames apart, one alarm with run=2, two with run=1
+    assert fa["alarms"] == 3
+    assert false_alarm_rate([s], [lab], thr=1.0, fps=10.0, run=2)["alarms"] == 2
 
 
 def test_threshold_follows_frame_score_and_smoothing(tmp_path):
@@ -57,10 +62,12 @@ def test_threshold_follows_frame_score_and_smoothing(tmp_path):
     class FakeBank:
         directory = tmp_path
         rng = np.random.default_rng(0)
-        calibration = {"fps": 25.0, "target_false_alarms_per_hour": 1.0,
-                       "holdout_items": [0] * 200,
-                       "holdout_components": {"map_max": list(rng.normal(10, 1, 200)),
-                                              "topq": list(rng.normal(5, 0.5, 200))}}
+        calibration = {
+            "fps": 25.0,
+            "target_false_alarms_per_hour": 1.0,
+            "holdout_items": [0] * 200,
+            "holdout_components": {"map_max": list(rng.normal(10, 1, 200)), "topq": list(rng.normal(5, 0.5, 200))},
+        }
 
     def thr(**det):
         cfg = configs.parse({"detector": {"smooth_window": 1, **det}})
@@ -74,5 +81,6 @@ def test_threshold_follows_frame_score_and_smoothing(tmp_path):
     assert thr(frame_score="map_max", smooth_window=9) < t_max - 1.5
     # a score that was never calibrated is refused rather than given a wrong threshold
     from configs.errors import UserError
+
     with pytest.raises(UserError):
         thr(frame_score="regions")
