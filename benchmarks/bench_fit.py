@@ -24,6 +24,7 @@ Usage:
   python benchmarks/bench_fit.py --frames 1000 --json benchmarks/out/bench_fit_1000.json
   python benchmarks/bench_fit.py                      # 1000 and 20000 (long on CPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ import benchutil as bu  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--frames", type=int, nargs="+", default=[1000, 20000], help="bank sizes (default 1000 20000)")
     ap.add_argument("--config", default=None)
     ap.add_argument("--backbone", default=None, choices=["efficientnet_lite0", "resnet18", "wide_resnet50_2"])
@@ -86,9 +88,19 @@ def child_fit(cfg_path: str, data: str, bank: str) -> int:
     cal = meta.get("calibration") or {}
     import torch as _t
 
-    print(json.dumps({"fit_s": fit_s, "import_s": t0 - t_import, "n_frames": meta["n_frames"],
-                      "n_holdout": cal.get("n_holdout", 0), "peak_rss_mb": bu.maxrss_mb(),
-                      "torch_threads": _t.get_num_threads(), "device": str(cfg.detector.device)}))
+    print(
+        json.dumps(
+            {
+                "fit_s": fit_s,
+                "import_s": t0 - t_import,
+                "n_frames": meta["n_frames"],
+                "n_holdout": cal.get("n_holdout", 0),
+                "peak_rss_mb": bu.maxrss_mb(),
+                "torch_threads": _t.get_num_threads(),
+                "device": str(cfg.detector.device),
+            }
+        )
+    )
     return 0
 
 
@@ -126,8 +138,9 @@ def run_one(cfg, data: Path, bank: Path, timeout) -> dict:
     shutil.rmtree(bank, ignore_errors=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-fit", str(cfg_path), str(data), str(bank)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=bu.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=bu.child_env())
+    proc = subprocess.Popen(
+        cmd, cwd=bu.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bu.child_env()
+    )
     peak = [0]
     done = threading.Event()
 
@@ -148,7 +161,7 @@ def run_one(cfg, data: Path, bank: Path, timeout) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise RuntimeError(f"fit of {data} timed out after {timeout} s")
+        raise RuntimeError(f"fit of {data} timed out after {timeout} s") from None
     finally:
         done.set()
         th.join()
@@ -179,8 +192,10 @@ def main(argv=None) -> int:
     rows = []
     for n in args.frames:
         if n % per_video:
-            bu.log(f"note: {n} is not a multiple of --per-video {per_video}; the bank gets "
-                   f"{math.ceil(n / per_video) * per_video} frames")
+            bu.log(
+                f"note: {n} is not a multiple of --per-video {per_video}; the bank gets "
+                f"{math.ceil(n / per_video) * per_video} frames"
+            )
         data = fit_folder(workdir, base, n, per_video, unique)
         bank = workdir / "fit_banks" / f"{d.backbone.name}_{d.input_size}_g{d.grid}_{n}"
         pix_bytes = n * d.grid * d.grid * 2 * 2000  # generous upper bound on fp16 pixel features
@@ -193,8 +208,11 @@ def main(argv=None) -> int:
         size_b = dir_size(bank)
         processed = res["n_frames"] + res["n_holdout"]
         row = {
-            "frames": n, "bank_frames": res["n_frames"], "holdout_frames": res["n_holdout"],
-            "fit_s": round(res["fit_s"], 2), "wall_s": round(res["wall_s"], 2),
+            "frames": n,
+            "bank_frames": res["n_frames"],
+            "holdout_frames": res["n_holdout"],
+            "fit_s": round(res["fit_s"], 2),
+            "wall_s": round(res["wall_s"], 2),
             "fps": round(processed / res["fit_s"], 2),
             "bank_fps": round(res["n_frames"] / res["fit_s"], 2),
             "peak_rss_mb": round(res["peak_rss_mb"], 1),
@@ -212,24 +230,39 @@ def main(argv=None) -> int:
     from detector.backbone import resolve_device
 
     result = {
-        "config": str(args.config or "default"), "backbone": d.backbone.name,
-        "weights": d.backbone.weights or "pretrained", "input_size": d.input_size, "grid": d.grid,
-        "batch": d.batch_size, "holdout": cfg.bank.holdout, "frame_size": list(size),
-        "footage": str(base), "per_video": per_video, "unique_videos": unique, "runs": rows,
+        "config": str(args.config or "default"),
+        "backbone": d.backbone.name,
+        "weights": d.backbone.weights or "pretrained",
+        "input_size": d.input_size,
+        "grid": d.grid,
+        "batch": d.batch_size,
+        "holdout": cfg.bank.holdout,
+        "frame_size": list(size),
+        "footage": str(base),
+        "per_video": per_video,
+        "unique_videos": unique,
+        "runs": rows,
         "targets": {"fps": 40, "peak_rss_mb_20000": 3072},
-        "loadavg_before": load_before, "loadavg_after": bu.loadavg(),
+        "loadavg_before": load_before,
+        "loadavg_after": bu.loadavg(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         **bu.machine_info(resolve_device(d.device)),
         **{"git_" + k: v for k, v in bu.git_info().items()},
     }
     del torch
-    print(f"\nbench_fit: {result['config']} {d.backbone.name} input {d.input_size} grid {d.grid} batch {d.batch_size}, "
-          f"{size[0]}x{size[1]} MJPEG, load {load_before} -> {result['loadavg_after']}")
-    print(f"{'frames':>8} {'bank':>7} {'holdout':>7} {'fit s':>8} {'fps':>7} {'bank fps':>8} {'peak RSS MB':>11} "
-          f"{'bank MB':>9} {'KB/frame':>8}")
+    print(
+        f"\nbench_fit: {result['config']} {d.backbone.name} input {d.input_size} grid {d.grid} batch {d.batch_size}, "
+        f"{size[0]}x{size[1]} MJPEG, load {load_before} -> {result['loadavg_after']}"
+    )
+    print(
+        f"{'frames':>8} {'bank':>7} {'holdout':>7} {'fit s':>8} {'fps':>7} {'bank fps':>8} {'peak RSS MB':>11} "
+        f"{'bank MB':>9} {'KB/frame':>8}"
+    )
     for r in rows:
-        print(f"{r['frames']:8d} {r['bank_frames']:7d} {r['holdout_frames']:7d} {r['fit_s']:8.1f} {r['fps']:7.1f} "
-              f"{r['bank_fps']:8.1f} {r['peak_rss_mb']:11.0f} {r['bank_mb']:9.0f} {r['bank_kb_per_frame']:8.0f}")
+        print(
+            f"{r['frames']:8d} {r['bank_frames']:7d} {r['holdout_frames']:7d} {r['fit_s']:8.1f} {r['fps']:7.1f} "
+            f"{r['bank_fps']:8.1f} {r['peak_rss_mb']:11.0f} {r['bank_mb']:9.0f} {r['bank_kb_per_frame']:8.0f}"
+        )
     if args.json:
         bu.write_json(args.json, result)
     return 0

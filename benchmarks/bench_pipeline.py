@@ -25,6 +25,7 @@ Usage:
   python benchmarks/bench_pipeline.py --backbone wide_resnet50_2 --weights random --batch 32 \
       --device cuda --frames 2000 --json benchmarks/gpu/wrn50_b32.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,18 +41,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil as bu  # noqa: E402
 
-STAGES = ("decode", "preprocess", "motion", "backbone", "knn", "post", "frame_score", "to_host", "regions",
-          "sinks")
+STAGES = ("decode", "preprocess", "motion", "backbone", "knn", "post", "frame_score", "to_host", "regions", "sinks")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--config", default=None, help="YAML path or built-in name (default: configs/default.yaml)")
     ap.add_argument("--frames", type=int, default=None, help="frames in the clip (default 240; --quick 24)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats, medians reported (default 3; --quick 1)")
-    ap.add_argument("--multi-repeats", type=int, default=None,
-                    help="repeats of the 2/4-camera runs (default: --repeats)")
+    ap.add_argument(
+        "--multi-repeats", type=int, default=None, help="repeats of the 2/4-camera runs (default: --repeats)"
+    )
     ap.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4], help="camera counts (default 1 2 4)")
     ap.add_argument("--device", default=None, help="override detector.device (cpu, cuda, cuda:N)")
     ap.add_argument("--batch", type=int, default=None, help="override pipeline.max_batch and detector.batch_size")
@@ -64,16 +66,24 @@ def parse_args(argv=None):
     ap.add_argument("--fps", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0, help="scene seed (clip and bank footage share it)")
     ap.add_argument("--anomaly", default="vehicle", choices=["vehicle", "offpath", "object", "none"])
-    ap.add_argument("--train-frames", type=int, default=None,
-                    help="frames per training video, 2 videos (default 240; --quick 24)")
+    ap.add_argument(
+        "--train-frames", type=int, default=None, help="frames per training video, 2 videos (default 240; --quick 24)"
+    )
     ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR), help="cache dir (default benchmarks/out)")
-    ap.add_argument("--hwaccel", default="none", choices=["none", "cuda"],
-                    help="source.hwaccel of the e2e cameras and the N-thread decode (default none); "
-                         "decode_fps is always software, decode_hw_fps NVDEC when --hwaccel cuda")
+    ap.add_argument(
+        "--hwaccel",
+        default="none",
+        choices=["none", "cuda"],
+        help="source.hwaccel of the e2e cameras and the N-thread decode (default none); "
+        "decode_fps is always software, decode_hw_fps NVDEC when --hwaccel cuda",
+    )
     ap.add_argument("--video", action="store_true", help="also run the annotated-video sink in e2e")
-    ap.add_argument("--bank-per-camera", action="store_true",
-                    help="multi-camera runs give each camera its own copy of the bank (sources[].bank): "
-                         "the cost of scoring cameras against banks of their own")
+    ap.add_argument(
+        "--bank-per-camera",
+        action="store_true",
+        help="multi-camera runs give each camera its own copy of the bank (sources[].bank): "
+        "the cost of scoring cameras against banks of their own",
+    )
     ap.add_argument("--profile", action="store_true", help="torch-profile one backbone and scoring pass")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     ap.add_argument("--label", default=None, help="free text stored in the JSON")
@@ -167,7 +177,7 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
     pix_t = det.thresholds.pixel
     det.reset()
     for b0 in range(0, len(frames), bs):
-        fb = frames[b0:b0 + bs]
+        fb = frames[b0 : b0 + bs]
         cams = [f.camera_id for f in fb]
         t = tm.start()
         small = det.model_inputs(fb)
@@ -197,8 +207,13 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             maps = sc.upsample(dist)
             t = tm.add("post", t)
             o2 = SpadeOutput(image_scores, idx, maps)
-            c2 = frame_components(o2, d.topq, pix_t, costly=det.costly_components_read(),
-                                  moving_weights=det.moving_weights(motion, len(fb)))
+            c2 = frame_components(
+                o2,
+                d.topq,
+                pix_t,
+                costly=det.costly_components_read(),
+                moving_weights=det.moving_weights(motion, len(fb)),
+            )
             det.thresholds.frame_scores(c2)
             t = tm.add("frame_score", t)
             maps_np = maps.float().cpu().numpy()
@@ -212,9 +227,15 @@ def isolated_pass(det, pictures, cfg, sinks, sync, camera="bench") -> dict:
             sinks.publish(res, f)
         tm.add("sinks", t)
     n = len(frames)
-    return {"n": n, "stage_s": tm.acc, "stage_cpu_s": tm.cpu, "backbone_fps": n / totals["backbone"],
-            "scoring_fps": n / totals["scoring"], "preprocess_fps": n / tm.acc["preprocess"],
-            "scoring_cpu_ms": totals["scoring_cpu"] * 1000.0 / n}
+    return {
+        "n": n,
+        "stage_s": tm.acc,
+        "stage_cpu_s": tm.cpu,
+        "backbone_fps": n / totals["backbone"],
+        "scoring_fps": n / totals["scoring"],
+        "preprocess_fps": n / tm.acc["preprocess"],
+        "scoring_cpu_ms": totals["scoring_cpu"] * 1000.0 / n,
+    }
 
 
 def camera_banks(bank: Path, n: int) -> list[Path]:
@@ -229,15 +250,18 @@ def camera_banks(bank: Path, n: int) -> list[Path]:
     return out
 
 
-def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none",
-            own_banks: bool = False) -> dict:
-    from configs.schema import SourceConfig
+def run_e2e(
+    cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hwaccel: str = "none", own_banks: bool = False
+) -> dict:
     from app.cli import run_pipeline
+    from configs.schema import SourceConfig
 
     c = cfg.model_copy(deep=True)
     banks = camera_banks(bank, n_cams) if own_banks else [None] * n_cams
-    c.sources = [SourceConfig(name=f"cam{i}", url=str(clip), hwaccel=hwaccel, bank=str(b) if b else None)
-                 for i, b in enumerate(banks)]
+    c.sources = [
+        SourceConfig(name=f"cam{i}", url=str(clip), hwaccel=hwaccel, bank=str(b) if b else None)
+        for i, b in enumerate(banks)
+    ]
     shutil.rmtree(out, ignore_errors=True)
     c.sinks.jsonl.enabled = True
     c.sinks.jsonl.path = str(out / "events.jsonl")
@@ -252,8 +276,14 @@ def run_e2e(cfg, bank: Path, clip: Path, n_cams: int, out: Path, video: bool, hw
     if errors:
         raise RuntimeError(f"pipeline sources failed: {errors}")
     shutil.rmtree(out, ignore_errors=True)
-    return {"fps": summary.fps, "frames": summary.frames, "elapsed_s": summary.elapsed_s, "wall_s": wall,
-            "cpu_ms_per_frame": cpu * 1000.0 / max(summary.frames, 1), "stage_ms": dict(summary.stage_ms)}
+    return {
+        "fps": summary.fps,
+        "frames": summary.frames,
+        "elapsed_s": summary.elapsed_s,
+        "wall_s": wall,
+        "cpu_ms_per_frame": cpu * 1000.0 / max(summary.frames, 1),
+        "stage_ms": dict(summary.stage_ms),
+    }
 
 
 def profile_pass(det, pictures, cfg, sync) -> dict:
@@ -305,9 +335,20 @@ def main(argv=None) -> int:
 
     rss_start = bu.maxrss_mb()
     runs_dir = workdir / "runs"
-    reps: dict[str, list] = {k: [] for k in ("decode_fps", "backbone_fps", "scoring_fps", "preprocess_fps",
-                                              "e2e_fps", "e2e_wall_s",
-                                              "e2e_cpu_ms", "scoring_cpu_ms", "decode_hw_fps")}
+    reps: dict[str, list] = {
+        k: []
+        for k in (
+            "decode_fps",
+            "backbone_fps",
+            "scoring_fps",
+            "preprocess_fps",
+            "e2e_fps",
+            "e2e_wall_s",
+            "e2e_cpu_ms",
+            "scoring_cpu_ms",
+            "decode_hw_fps",
+        )
+    }
     from stream.avio import resolve_hwaccel
 
     hw = resolve_hwaccel(args.hwaccel)  # what the e2e cameras decode with
@@ -357,8 +398,10 @@ def main(argv=None) -> int:
         for k, v in iso["stage_cpu_s"].items():
             cpu_reps.setdefault(k, []).append(v / iso["n"])
         reps["scoring_cpu_ms"].append(iso["scoring_cpu_ms"])
-        bu.log(f"  decode {reps['decode_fps'][-1]:.1f} fps, backbone {iso['backbone_fps']:.1f} fps, "
-               f"scoring {iso['scoring_fps']:.1f} fps")
+        bu.log(
+            f"  decode {reps['decode_fps'][-1]:.1f} fps, backbone {iso['backbone_fps']:.1f} fps, "
+            f"scoring {iso['scoring_fps']:.1f} fps"
+        )
 
     multi: dict[int, float] = {}
     multi_detail: dict[int, dict] = {}
@@ -371,12 +414,17 @@ def main(argv=None) -> int:
             multi_detail[1] = {"fps": multi[1], "runs": reps["e2e_fps"], "decode_fps": decode_threads[n]}
             continue
         bu.log(f"multi-camera: {n} cameras ...")
-        runs = [run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video, args.hwaccel,
-                        args.bank_per_camera) for _ in range(args.multi_repeats)]
+        runs = [
+            run_e2e(cfg, bank, clip, n, runs_dir / f"e2e_{n}cams", args.video, args.hwaccel, args.bank_per_camera)
+            for _ in range(args.multi_repeats)
+        ]
         multi[n] = bu.median([x["fps"] for x in runs])
-        multi_detail[n] = {"fps": multi[n], "runs": [x["fps"] for x in runs], "decode_fps": decode_threads[n],
-                           "stage_ms": {k: bu.median([x["stage_ms"].get(k) for x in runs])
-                                        for k in runs[0]["stage_ms"]}}
+        multi_detail[n] = {
+            "fps": multi[n],
+            "runs": [x["fps"] for x in runs],
+            "decode_fps": decode_threads[n],
+            "stage_ms": {k: bu.median([x["stage_ms"].get(k) for x in runs]) for k in runs[0]["stage_ms"]},
+        }
         bu.log(f"  {n} cameras: {multi[n]:.1f} fps aggregate")
 
     tables = profile_pass(det, images, cfg, sync) if args.profile else None
@@ -407,8 +455,9 @@ def main(argv=None) -> int:
         "e2e_fps": med["e2e_fps"],
         "e2e_ratio": med["e2e_fps"] / min(med["decode_fps"], med["backbone_fps"]),
         # the same ratio taken within each repeat (side by side), then the median: robust to load drift
-        "e2e_ratio_median_of_repeats": bu.median([e / min(dc, bb) for e, dc, bb in zip(
-            reps["e2e_fps"], reps["decode_fps"], reps["backbone_fps"])]),
+        "e2e_ratio_median_of_repeats": bu.median(
+            [e / min(dc, bb) for e, dc, bb in zip(reps["e2e_fps"], reps["decode_fps"], reps["backbone_fps"])]
+        ),
         "limiting": "decode" if med["decode_fps"] < med["backbone_fps"] else "backbone",
         "stage_ms": stage_ms,
         "stage_ms_sum": round(sum(stage_ms.values()), 3),
@@ -450,10 +499,12 @@ def main(argv=None) -> int:
 
 
 def print_table(r: dict) -> None:
-    print(f"\nbench_pipeline: {r['config']} {r['backbone']} ({r['weights']}) input {r['input_size']} grid {r['grid']} "
-          f"batch {r['batch']}, {r['frames']} frames {r['frame_size'][0]}x{r['frame_size'][1]}, "
-          f"device {r['device']}, torch threads {r['torch_threads']}, median of {r['repeats']}, "
-          f"load {r['loadavg_before']} -> {r['loadavg_after']}")
+    print(
+        f"\nbench_pipeline: {r['config']} {r['backbone']} ({r['weights']}) input {r['input_size']} grid {r['grid']} "
+        f"batch {r['batch']}, {r['frames']} frames {r['frame_size'][0]}x{r['frame_size'][1]}, "
+        f"device {r['device']}, torch threads {r['torch_threads']}, median of {r['repeats']}, "
+        f"load {r['loadavg_before']} -> {r['loadavg_after']}"
+    )
     print(f"{'measure':<28} {'fps':>10}")
     for k in ("decode_fps", "preprocess_fps", "backbone_fps", "scoring_fps", "e2e_fps"):
         print(f"{k:<28} {r[k]:10.1f}")
@@ -464,14 +515,18 @@ def print_table(r: dict) -> None:
             print(f"{k:<28} {r['stage_ms'][k]:10.2f} {r['stage_cpu_ms'].get(k, float('nan')):13.2f}")
     print(f"{'sum':<28} {r['stage_ms_sum']:10.2f}   (1000/sum = {1000.0 / r['stage_ms_sum']:.1f} fps serial)")
     print(f"pipeline stage_ms: {r['pipeline_stage_ms']}")
-    print(f"e2e process CPU: {r['e2e_cpu_ms_per_frame']:.1f} ms/frame (all threads, model load subtracted) -> "
-          f"{1000.0 * (r['affinity_cpus'] or 1) / r['e2e_cpu_ms_per_frame']:.1f} fps on {r['affinity_cpus']} idle cores "
-          "at best")
+    print(
+        f"e2e process CPU: {r['e2e_cpu_ms_per_frame']:.1f} ms/frame (all threads, model load subtracted) -> "
+        f"{1000.0 * (r['affinity_cpus'] or 1) / r['e2e_cpu_ms_per_frame']:.1f} fps on {r['affinity_cpus']} idle cores "
+        "at best"
+    )
     print(f"\n{'cameras':<10} {'e2e fps (aggregate)':>20} {'decode fps (N threads)':>24}")
     for n, v in r["multi_camera"].items():
         print(f"{n:<10} {v:20.1f} {r['decode_threads_fps'][n]:24.1f}")
-    print(f"\npeak RSS: {r['peak_rss_mb']} MB (after first e2e run: {r['peak_rss_mb_after_e2e']} MB; "
-          f"fit subprocess: {r['peak_rss_children_mb']} MB)")
+    print(
+        f"\npeak RSS: {r['peak_rss_mb']} MB (after first e2e run: {r['peak_rss_mb_after_e2e']} MB; "
+        f"fit subprocess: {r['peak_rss_children_mb']} MB)"
+    )
 
 
 if __name__ == "__main__":

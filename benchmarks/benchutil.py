@@ -4,6 +4,7 @@ Inputs are generated with the project's own synthetic scene (stream.synthetic) a
 work dir (default benchmarks/out/, git-ignored), keyed by everything that determines their content, so
 a second run (or anyone else's) measures the same bytes.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -96,8 +97,7 @@ def ensure_footage(workdir: Path, size, fps: int, videos: int, frames: int, seed
     if not done.is_file():
         t0 = time.monotonic()
         log(f"generating normal footage {root.name} ...")
-        generate_stc(root, seed=seed, size=(w, h), fps=fps, train_videos=videos, train_frames=frames,
-                     test_videos=0)
+        generate_stc(root, seed=seed, size=(w, h), fps=fps, train_videos=videos, train_frames=frames, test_videos=0)
         done.write_text("ok\n")
         log(f"  done in {time.monotonic() - t0:.1f} s")
     return root
@@ -111,9 +111,14 @@ def ensure_bank(cfg, footage: Path, workdir: Path):
     runtime_only = {"batch_size": True, "threads": True, "pixel_bank": True}
     from stream.picture import METHOD
 
-    key = short_hash({"footage": footage.name, "resize": METHOD,
-                      "detector": d.model_dump(mode="json", exclude=runtime_only),
-                      "bank": cfg.bank.model_dump(mode="json")})
+    key = short_hash(
+        {
+            "footage": footage.name,
+            "resize": METHOD,
+            "detector": d.model_dump(mode="json", exclude=runtime_only),
+            "bank": cfg.bank.model_dump(mode="json"),
+        }
+    )
     bank = workdir / "banks" / f"{d.backbone.name}_{d.input_size}_g{d.grid}_{key}"
     if (bank / "meta.json").is_file():
         return bank, None
@@ -128,13 +133,23 @@ def fit_in_subprocess(cfg, data: Path, bank: Path, timeout: float | None = None)
     bank.mkdir(parents=True, exist_ok=True)
     cfg_path = bank.parent / (bank.name + ".config.yaml")
     cfg_path.write_text(config_yaml(cfg))
-    cmd = [sys.executable, str(ROOT / "run_stream.py"), "fit", "--config", str(cfg_path), "--data", str(data),
-           "--bank", str(bank), "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run_stream.py"),
+        "fit",
+        "--config",
+        str(cfg_path),
+        "--data",
+        str(data),
+        "--bank",
+        str(bank),
+        "--quiet",
+    ]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env())
     if p.returncode != 0:
         raise RuntimeError(f"fit failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    out = json.loads(p.stdout[p.stdout.index("{"):])
+    out = json.loads(p.stdout[p.stdout.index("{") :])
     out["wall_s"] = time.monotonic() - t0
     return out
 
@@ -163,6 +178,7 @@ def git_info() -> dict:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except Exception:
             return ""
+
     return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
 
 

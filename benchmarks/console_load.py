@@ -10,6 +10,7 @@ Each client does what app/console_static/app.js does: every 0.5 s one preview pe
 /api/cameras, every 3 s one score sparkline per camera, and one /api/events stream; alerts are raised every
 10 s so the stream carries something.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def previews(n=8, w=480, h=320, max_kb=30):
     out = []
     rng = np.random.default_rng(0)
     for k in range(n):
-        img = cv2.resize((rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        img = cv2.resize(
+            (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC
+        )
         cv2.rectangle(img, (40 + 10 * k, 60), (160 + 10 * k, 200), (40, 40, 230), 2)
         for q in (80, 65, 50, 38):
             data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes()
@@ -51,8 +54,10 @@ def producer(url, cams, preview_fps, frame_fps, stop, stats):
     r = redis.Redis.from_url(url)
     jpgs = previews()
     for c in cams:
-        r.set(f"spade:{c}:status", json.dumps({"v": 1, "camera": c, "state": "online", "ts": time.time(),
-                                                "detail": "bench"}))
+        r.set(
+            f"spade:{c}:status",
+            json.dumps({"v": 1, "camera": c, "state": "online", "ts": time.time(), "detail": "bench"}),
+        )
     tick = 1.0 / frame_fps
     every = max(1, round(frame_fps / preview_fps))
     i, t_next, last_alert = 0, time.monotonic(), time.monotonic()
@@ -61,9 +66,21 @@ def producer(url, cams, preview_fps, frame_fps, stop, stats):
         now = time.time()
         for k, c in enumerate(cams):
             score = 0.5 + 0.1 * np.sin(i / 10 + k)
-            pipe.xadd(f"spade:{c}:frames", {"v": "1", "camera": c, "frame_index": str(i), "ts": repr(now),
-                                            "score": repr(score), "threshold": "1.0", "is_anomalous": "0",
-                                            "regions": "[]"}, maxlen=10000, approximate=True)
+            pipe.xadd(
+                f"spade:{c}:frames",
+                {
+                    "v": "1",
+                    "camera": c,
+                    "frame_index": str(i),
+                    "ts": repr(now),
+                    "score": repr(score),
+                    "threshold": "1.0",
+                    "is_anomalous": "0",
+                    "regions": "[]",
+                },
+                maxlen=10000,
+                approximate=True,
+            )
             if i % every == k % every:
                 pipe.set(f"spade:{c}:preview", jpgs[(i // every + k) % len(jpgs)], ex=10)
                 stats["previews"] += 1
@@ -72,11 +89,24 @@ def producer(url, cams, preview_fps, frame_fps, stop, stats):
             c = cams[i % len(cams)]
             aid = f"{c}-{int(now * 1000)}-abcdef"
             for typ in ("new", "end"):
-                msg = json.dumps({"v": 1, "type": typ, "alert_id": aid, "camera": c, "start_ts": now,
-                                  "end_ts": now + 1 if typ == "end" else None, "start_media_ts": None,
-                                  "end_media_ts": None, "peak_score": 2.0, "regions": [], "peak_regions": [],
-                                  "snapshot": None, "reason": "recovered" if typ == "end" else None,
-                                  "frame_index": i})
+                msg = json.dumps(
+                    {
+                        "v": 1,
+                        "type": typ,
+                        "alert_id": aid,
+                        "camera": c,
+                        "start_ts": now,
+                        "end_ts": now + 1 if typ == "end" else None,
+                        "start_media_ts": None,
+                        "end_media_ts": None,
+                        "peak_score": 2.0,
+                        "regions": [],
+                        "peak_regions": [],
+                        "snapshot": None,
+                        "reason": "recovered" if typ == "end" else None,
+                        "frame_index": i,
+                    }
+                )
                 pipe.xadd("spade:alerts", {"data": msg})
                 pipe.publish("spade:alerts", msg)
         pipe.execute()
@@ -102,14 +132,18 @@ class Client:
                     try:
                         conn.request("GET", p, headers={"Host": f"127.0.0.1:{self.port}"})
                         r = conn.getresponse()
-                    except http.client.RemoteDisconnected:  # the server closed an idle keep-alive: as a browser, reconnect
+                    except (
+                        http.client.RemoteDisconnected
+                    ):  # the server closed an idle keep-alive: as a browser, reconnect
                         conn.close()
                         conn.request("GET", p, headers={"Host": f"127.0.0.1:{self.port}"})
                         r = conn.getresponse()
                     r.read()
                     if r.status >= 500:
                         self.errors += 1
-                        self.error_kinds[f"{r.status} {p.split('?')[0]}"] = self.error_kinds.get(f"{r.status} {p.split('?')[0]}", 0) + 1
+                        self.error_kinds[f"{r.status} {p.split('?')[0]}"] = (
+                            self.error_kinds.get(f"{r.status} {p.split('?')[0]}", 0) + 1
+                        )
                 except (OSError, http.client.HTTPException) as err:
                     self.errors += 1
                     self.error_kinds[type(err).__name__] = self.error_kinds.get(type(err).__name__, 0) + 1
@@ -162,8 +196,9 @@ def main() -> int:
         srv = RedisServer().start()
         url = srv.url
     port = free_port()
-    console = subprocess.Popen([sys.executable, str(ROOT / "run_stream.py"), "console", "--redis", url,
-                                "--port", str(port)], cwd=ROOT)
+    console = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_stream.py"), "console", "--redis", url, "--port", str(port)], cwd=ROOT
+    )
     stop = threading.Event()
     try:
         deadline = time.monotonic() + 20
@@ -173,12 +208,13 @@ def main() -> int:
                 break
             except OSError:
                 if time.monotonic() > deadline or console.poll() is not None:
-                    raise SystemExit("console did not start")
+                    raise SystemExit("console did not start") from None
                 time.sleep(0.2)
         cams = [f"cam{k:02d}" for k in range(args.cameras)]
         pstats = {"frames": 0, "previews": 0}
-        threading.Thread(target=producer, args=(url, cams, args.preview_fps, args.frame_fps, stop, pstats),
-                         daemon=True).start()
+        threading.Thread(
+            target=producer, args=(url, cams, args.preview_fps, args.frame_fps, stop, pstats), daemon=True
+        ).start()
         time.sleep(2.0)
         lat: list[float] = []
         clients = [Client(port, cams, stop, lat) for _ in range(args.clients)]
@@ -195,16 +231,26 @@ def main() -> int:
         stop.set()
         lat_ms = sorted(x * 1000 for x in lat)
         result = {
-            "cameras": args.cameras, "preview_fps": args.preview_fps, "frame_fps": args.frame_fps,
-            "clients": args.clients, "seconds": args.seconds, "cpu_count": psutil.cpu_count(),
-            "console_cpu_percent": {"median": statistics.median(samples),
-                                    "p90": sorted(samples)[int(0.9 * (len(samples) - 1))], "max": max(samples)},
+            "cameras": args.cameras,
+            "preview_fps": args.preview_fps,
+            "frame_fps": args.frame_fps,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "cpu_count": psutil.cpu_count(),
+            "console_cpu_percent": {
+                "median": statistics.median(samples),
+                "p90": sorted(samples)[int(0.9 * (len(samples) - 1))],
+                "max": max(samples),
+            },
             "console_rss_mb": round(rss, 1),
             "loadavg_1_5_15": [round(x, 2) for x in load],
-            "requests": len(lat_ms), "request_errors": sum(c.errors for c in clients),
+            "requests": len(lat_ms),
+            "request_errors": sum(c.errors for c in clients),
             "error_kinds": [c.error_kinds for c in clients],
-            "latency_ms": {"median": round(statistics.median(lat_ms), 2) if lat_ms else None,
-                           "p95": round(lat_ms[int(0.95 * (len(lat_ms) - 1))], 2) if lat_ms else None},
+            "latency_ms": {
+                "median": round(statistics.median(lat_ms), 2) if lat_ms else None,
+                "p95": round(lat_ms[int(0.95 * (len(lat_ms) - 1))], 2) if lat_ms else None,
+            },
             "produced": pstats,
         }
         print(json.dumps(result, indent=1))

@@ -16,6 +16,7 @@ Usage:
   python benchmarks/coreset_check.py --device cuda --json benchmarks/gpu/coreset_check.json
   python benchmarks/coreset_check.py --device cpu --points 200000 --sizes 1000   # a CPU smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,14 @@ def spectrum_points(n: int, d: int, seed: int, device):
     out = torch.empty(n, d, dtype=torch.float32, device=device)
     for s in range(0, n, 1 << 20):
         k = min(n, s + (1 << 20)) - s
-        out[s:s + k] = ((torch.randn(k, d, generator=gen) * scale) @ rot).to(device)
+        out[s : s + k] = ((torch.randn(k, d, generator=gen) * scale) @ rot).to(device)
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--points", type=int, default=5_120_000)
     ap.add_argument("--dim", type=int, default=128)
@@ -85,8 +87,13 @@ def main(argv=None) -> int:
     # 2. coreset distances vs float64
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(700, args.channels)).astype(np.float16)
-    bank = MemoryBank(Path("."), {"n_frames": 1, "grid": 4}, np.zeros((1, 3), np.float32),
-                      np.zeros((1, 16, args.channels), np.float16), coreset=feats)
+    bank = MemoryBank(
+        Path("."),
+        {"n_frames": 1, "grid": 4},
+        np.zeros((1, 3), np.float32),
+        np.zeros((1, 16, args.channels), np.float16),
+        coreset=feats,
+    )
     q = rng.normal(size=(2, args.channels, 4, 4)).astype(np.float32)
     sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=3, sigma=0, input_size=4, device=dev, gallery="coreset")
     got = sc.coreset_distances(torch.from_numpy(q).to(dev)).cpu().numpy()
@@ -108,11 +115,14 @@ def main(argv=None) -> int:
         res["select_s"][m] = round(time.perf_counter() - t0, 2)
         print(f"greedy: {len(picks)} of {args.points} points in {res['select_s'][m]} s", flush=True)
         del x
-        bank = MemoryBank(Path("."), {"n_frames": 1, "grid": 32}, np.zeros((1, 3), np.float32),
-                          np.zeros((1, 1024, args.channels), np.float16),
-                          coreset=rng.normal(size=(m, args.channels)).astype(np.float16))
-        sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=1, sigma=4, input_size=256, device=dev,
-                         gallery="coreset")
+        bank = MemoryBank(
+            Path("."),
+            {"n_frames": 1, "grid": 32},
+            np.zeros((1, 3), np.float32),
+            np.zeros((1, 1024, args.channels), np.float16),
+            coreset=rng.normal(size=(m, args.channels)).astype(np.float16),
+        )
+        sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=1, sigma=4, input_size=256, device=dev, gallery="coreset")
         qb = torch.randn(args.batch, args.channels, 32, 32, device=dev)
         for _ in range(2):
             sc.coreset_distances(qb)

@@ -31,6 +31,7 @@ there in every part of the set, or in one?).
 
 The variants need a coreset gallery and the moving_max frame score (the default config).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ from benchmarks.benchutil import git_info, loadavg, log, machine_info, short_has
 CHUNK = 8192  # query cells per distance matrix
 
 
-def frame_aurocs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], window: int,
-                 subsets: list[list[str]] = ()) -> dict:
+def frame_aurocs(
+    scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], window: int, subsets: list[list[str]] = ()
+) -> dict:
     from detector.framescore import causal_mean
     from evaluation.metrics import auroc
 
@@ -62,9 +64,12 @@ def frame_aurocs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], w
     def micro(names):
         return auroc(np.concatenate([labels[v] for v in names]), np.concatenate([s[v] for v in names]))
 
-    return {"frame_micro": micro(list(labels)), "frame_macro": float(np.mean(macro)) if macro else float("nan"),
-            "per_video": {v: (None if math.isnan(a) else round(a, 4)) for v, a in per.items()},
-            "subset_micro": [round(micro(names), 4) for names in subsets]}
+    return {
+        "frame_micro": micro(list(labels)),
+        "frame_macro": float(np.mean(macro)) if macro else float("nan"),
+        "per_video": {v: (None if math.isnan(a) else round(a, 4)) for v, a in per.items()},
+        "subset_micro": [round(micro(names), 4) for names in subsets],
+    }
 
 
 class Cache:
@@ -95,6 +100,7 @@ class LastBlock:
             taps, last = run(x)
             self.value = last
             return taps, last
+
         det.extractor._run_trunk = capture
 
     def take(self) -> np.ndarray:
@@ -119,7 +125,7 @@ def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
     for v in videos:
         pyr, flow, last, comps = [], [], [], {}
         for a in range(0, len(v.frames), bs):
-            small = resize_batch([read_image(p) for p in v.frames[a:a + bs]], s)
+            small = resize_batch([read_image(p) for p in v.frames[a : a + bs]], s)
             p, g = det.features(small)
             m = det.flow_features(small, f"eval-{v.name}")
             _, c = det.score_offline(small, m, features=(p, g))
@@ -128,16 +134,22 @@ def build_cache(cfg, data: Path, bank: Path, root: Path) -> Cache:
             flow.append(m)
             for k, x in c.items():
                 comps.setdefault(k, []).append(x)
-        np.savez(root / f"{v.name}.npz", pyr=np.concatenate(pyr), flow=np.concatenate(flow), last=np.concatenate(last),
-                 labels=v.labels,
-                 **{f"comp_{k}": np.concatenate(x) for k, x in comps.items()})
+        np.savez(
+            root / f"{v.name}.npz",
+            pyr=np.concatenate(pyr),
+            flow=np.concatenate(flow),
+            last=np.concatenate(last),
+            labels=v.labels,
+            **{f"comp_{k}": np.concatenate(x) for k, x in comps.items()},
+        )
         log(f"  cached {v.name} ({len(v.frames)} frames, {time.monotonic() - t0:.0f} s)")
     (root / "videos.json").write_text(json.dumps([v.name for v in videos]))
     return Cache(root)
 
 
-def frames_with_flow(cfg, data: Path, keys: list[tuple[int, int]], det, last_block: LastBlock
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def frames_with_flow(
+    cfg, data: Path, keys: list[tuple[int, int]], det, last_block: LastBlock
+) -> tuple[np.ndarray, np.ndarray]:
     """Flow cells [N, g, g, 3] (against each frame's predecessor; zero for a video's first frame) and
     last-block maps [N, D, h, w] (fp16) of the footage frames `keys` ((item, frame) of `discover(data)`)."""
     from detector.fit import _frames
@@ -151,7 +163,7 @@ def frames_with_flow(cfg, data: Path, keys: list[tuple[int, int]], det, last_blo
     cells, last = [], []
     bs = cfg.detector.batch_size
     for a in range(0, len(keys), bs):
-        chunk = keys[a:a + bs]
+        chunk = keys[a : a + bs]
         stack = np.stack([frames[k] for k in chunk])
         cells.append(det.flow_features(stack, previous=[frames.get((i, f - 1)) for i, f in chunk]))
         det.features(stack)
@@ -199,7 +211,7 @@ class Variants:
         torch = self.torch
         ds, ix = [], []
         for a in range(0, len(q), CHUNK):
-            r = torch.cdist(q[a:a + CHUNK], gallery).topk(k, dim=1, largest=False)
+            r = torch.cdist(q[a : a + CHUNK], gallery).topk(k, dim=1, largest=False)
             ds.append(r.values)
             ix.append(r.indices)
         return torch.cat(ds), torch.cat(ix)
@@ -259,6 +271,7 @@ class Variants:
         def cells(_v, f):
             d, _ = self.nearest(f.reshape(-1, f.shape[-1]), self.coreset, k)
             return d.mean(dim=1).reshape(f.shape[0], -1)
+
         return cells
 
     def local_scale(self, form: str):
@@ -280,6 +293,7 @@ class Variants:
             d, i = self.nearest(f.reshape(-1, f.shape[-1]), self.coreset)
             d, r = d[:, 0], radius[i[:, 0]]
             return (d - r if form == "diff" else d / r.sqrt()).reshape(f.shape[0], -1)
+
         return cells
 
     def whiten(self, shrink: float, power: float):
@@ -295,6 +309,7 @@ class Variants:
         def cells(_v, f):
             d, _ = self.nearest((f.reshape(-1, f.shape[-1]) - mu) @ w, gallery)
             return d[:, 0].reshape(f.shape[0], -1)
+
         return cells
 
     def train_frames(self):
@@ -338,6 +353,7 @@ class Variants:
             m = self.widened(cells[..., 2])
             w = g.static_weight + (1 - g.static_weight) * (m / (g.moving + normal)).clamp(max=1.0)
             return F.interpolate(w, size=(self.size, self.size), mode="bilinear", align_corners=False).squeeze(1)
+
         return gate
 
     def moving_embedding(self):
@@ -355,6 +371,7 @@ class Variants:
             e = embed(torch.from_numpy(c["pyr"].astype(np.float32)), c["flow"])
             d = torch.cdist(e, bank_emb).amin(dim=1).numpy()
             return s * np.sqrt(d)
+
         return post
 
     def semantic_moving(self, power: float | None):
@@ -376,17 +393,20 @@ class Variants:
 
         if power is None:
             stats = self.det.thresholds.component_stats()[self.cfg.detector.frame_score]
-            held_cells, held_last = frames_with_flow(self.cfg, self.data, held_out_keys(self.cfg, self.data), self.det,
-                                                     self.last_block)
+            held_cells, held_last = frames_with_flow(
+                self.cfg, self.data, held_out_keys(self.cfg, self.data), self.det, self.last_block
+            )
             held = distance(held_last, held_cells)
 
             def post(_v, c, s):
                 d = distance(c["last"], c["flow"])
                 return (s - stats["mean"]) / stats["std"] + (d - held.mean()) / held.std()
+
             return post
 
         def post(_v, c, s):
             return s * distance(c["last"], c["flow"]) ** power
+
         return post
 
 
@@ -440,8 +460,10 @@ def main(argv=None) -> int:
         "whiten_0.1_pow0.5": lambda: v.run(v.whiten(0.1, 0.5)),
         "motion_novelty": lambda: v.run(v.plain(), gate=v.motion_novelty_gate(), pixel=False),
         "moving_embedding": lambda: v.run(v.plain(), post=v.moving_embedding(), pixel=False),
-        **{f"semantic_moving_{p:g}": (lambda p=p: v.run(v.plain(), post=v.semantic_moving(p), pixel=False))
-           for p in (0.25, 0.5, 1.0)},
+        **{
+            f"semantic_moving_{p:g}": (lambda p=p: v.run(v.plain(), post=v.semantic_moving(p), pixel=False))
+            for p in (0.25, 0.5, 1.0)
+        },
         "semantic_moving_z": lambda: v.run(v.plain(), post=v.semantic_moving(None), pixel=False),
         "border_cell": lambda: v.run(v.plain(), border=edge, pixel=False),
         "stack": lambda: v.run(v.local_scale("sqrt_ratio"), post=v.moving_embedding(), border=edge, pixel=False),
@@ -463,14 +485,26 @@ def main(argv=None) -> int:
         pix = "-" if r["pixel"] is None else f"{r['pixel']:.4f}"
         per = " / ".join("-" if a is None else f"{a:.2f}" for a in r["per_video"].values())
         sub = " / ".join(f"{a:.3f}" for a in r["subset_micro"])
-        print(f"| {name} | {r['frame_micro']:.3f} | {r['frame_macro']:.3f} | {pix} | {per} |" + f" {sub} |" * bool(subsets),
-              flush=True)
+        print(
+            f"| {name} | {r['frame_micro']:.3f} | {r['frame_macro']:.3f} | {pix} | {per} |"
+            + f" {sub} |" * bool(subsets),
+            flush=True,
+        )
     if args.json:
-        write_json(Path(args.json), {"command": " ".join(sys.argv), "git": git_info(), "loadavg": loadavg(),
-                                     "machine": machine_info(torch.device("cpu")), "data": str(data),
-                                     "bank": str(bank), "smooth_window": cfg.detector.smooth_window,
-                                     "subsets": subsets,
-                                     "rows": results})
+        write_json(
+            Path(args.json),
+            {
+                "command": " ".join(sys.argv),
+                "git": git_info(),
+                "loadavg": loadavg(),
+                "machine": machine_info(torch.device("cpu")),
+                "data": str(data),
+                "bank": str(bank),
+                "smooth_window": cfg.detector.smooth_window,
+                "subsets": subsets,
+                "rows": results,
+            },
+        )
     return 0
 
 

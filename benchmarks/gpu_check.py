@@ -19,6 +19,7 @@ Usage:
   python benchmarks/gpu_check.py [--config default] [--backbone wide_resnet50_2 --weights random] \
       [--frames 64] [--json benchmarks/gpu/gpu_check.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ import benchutil as bu  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--config", default=None)
     ap.add_argument("--backbone", default=None, choices=["efficientnet_lite0", "resnet18", "wide_resnet50_2"])
     ap.add_argument("--weights", default=None, help="'random', 'pretrained' or a state-dict path")
@@ -53,8 +55,13 @@ def parse_args(argv=None):
     ap.add_argument("--min-agree", type=float, default=0.99)
     ap.add_argument("--workdir", default=str(bu.DEFAULT_WORKDIR))
     ap.add_argument("--json", default=None, metavar="PATH")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                    help="backbone precision of both paths; one comparison (and one bank) each")
+    ap.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="backbone precision of both paths; one comparison (and one bank) each",
+    )
     ap.add_argument("--require-cuda", action="store_true", help="exit 3 (not 0) when there is no CUDA device")
     return ap.parse_args(argv)
 
@@ -124,7 +131,7 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     rel_l2, rel_max, img_rel, top1_c, top1_g, gaps = [], [], [], [], [], []
     t_c = t_g = 0.0
     for b0 in range(0, n, bs):
-        small = np.stack([p.scaled(d.input_size) for p in images[b0:b0 + bs]])
+        small = np.stack([p.scaled(d.input_size) for p in images[b0 : b0 + bs]])
         t0 = time.perf_counter()
         pyr_c, glob_c = det_c.features(small)
         oc, _ = det_c.score_offline(small, features=(pyr_c, glob_c))
@@ -150,17 +157,27 @@ def compare(args, precision: str, images, footage: Path, workdir: Path) -> dict:
     agree = float(np.mean(same))
     gaps, rel = np.asarray(gaps), np.asarray(rel_l2)
     res = {
-        "frames": n, "backbone": d.backbone.name, "weights": d.backbone.weights or "pretrained",
-        "input_size": d.input_size, "grid": d.grid, "gpu": torch.cuda.get_device_name() if det_g.device.type == "cuda" else "none (cpu self-check)",
-        "map_rel_l2_max": float(np.max(rel_l2)), "map_rel_l2_median": float(np.median(rel_l2)),
+        "frames": n,
+        "backbone": d.backbone.name,
+        "weights": d.backbone.weights or "pretrained",
+        "input_size": d.input_size,
+        "grid": d.grid,
+        "gpu": torch.cuda.get_device_name() if det_g.device.type == "cuda" else "none (cpu self-check)",
+        "map_rel_l2_max": float(np.max(rel_l2)),
+        "map_rel_l2_median": float(np.median(rel_l2)),
         # the maps of frames whose nearest bank frame is the same on both sides
         "map_rel_l2_max_same_neighbour": float(rel[same].max()) if same.any() else None,
         # (d2 - d1) / d1 on the CPU for the frames whose top-1 neighbour differs, and over all frames
         "flipped_top2_gaps": [round(float(x), 6) for x in gaps[~same]],
         "top2_gap_median": float(np.median(gaps)),
-        "map_rel_maxabs_max": float(np.max(rel_max)), "image_score_rel_max": float(np.max(img_rel)),
-        "top1_agreement": agree, "tol": args.tol, "min_agree": args.min_agree,
-        "cpu_s": round(t_c, 3), "gpu_s": round(t_g, 3), "precision": precision,
+        "map_rel_maxabs_max": float(np.max(rel_max)),
+        "image_score_rel_max": float(np.max(img_rel)),
+        "top1_agreement": agree,
+        "tol": args.tol,
+        "min_agree": args.min_agree,
+        "cpu_s": round(t_c, 3),
+        "gpu_s": round(t_g, 3),
+        "precision": precision,
         "gpu_pixel_bank": det_g.scorer.pixel_bank,
     }
     why = []

@@ -8,6 +8,7 @@
 
 Usage: python benchmarks/heap_growth.py MODE DATA [--bank DIR]   (prints JSON: peak RSS, a trace every 15 s)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,16 @@ def main() -> int:
     t0 = time.time()
     fit.fit_bank(configs.load(None), args.data, bank, progress=False)
     done.set()
-    print(json.dumps({"mode": args.mode, "wall_s": round(time.time() - t0, 1),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
-                      "trace_every_15s": trace[::15]}))
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "wall_s": round(time.time() - t0, 1),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+                "trace_every_15s": trace[::15],
+            }
+        )
+    )
     return 0
 
 

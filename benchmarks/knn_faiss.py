@@ -22,6 +22,7 @@ faiss is not a dependency of the project (this measurement is why): `pip install
 Usage: python benchmarks/knn_faiss.py [--repeats 5] [--threads 1] [--kappa 1] [--json out.json]
 Prints a table, then the summary as one strict-JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,10 @@ def pixel_case(m: int, kappa: int, repeats: int, rng) -> dict:
     ref = out["torch fp32"]
     return {
         "case": f"pixel {GRID * GRID}x{C} vs {m}",
-        "queries": GRID * GRID, "dim": C, "gallery": m, "k": kappa,
+        "queries": GRID * GRID,
+        "dim": C,
+        "gallery": m,
+        "k": kappa,
         "ms": {k: v * 1e3 for k, v in med.items()},
         "same_as_fp32": {k: float((v == ref).float().mean()) for k, v in out.items()},
         "max_abs_diff": {k: float((v - ref).abs().max()) for k, v in out.items()},
@@ -121,8 +125,17 @@ def pixel_case(m: int, kappa: int, repeats: int, rng) -> dict:
 def global_case(k: int, repeats: int, rng) -> dict:
     glob = rng.standard_normal((N_GLOBAL, D_GLOBAL), dtype=np.float32)
     qs = glob[rng.integers(0, N_GLOBAL, Q_GLOBAL)] + 0.3 * rng.standard_normal((Q_GLOBAL, D_GLOBAL), dtype=np.float32)
-    sc = SpadeScorer(fake_bank(None, glob), k_image=k, k_gallery=1, kappa=1, sigma=0.0, input_size=GRID,
-                     device=torch.device("cpu"), gallery="knn", pixel_bank="disk")
+    sc = SpadeScorer(
+        fake_bank(None, glob),
+        k_image=k,
+        k_gallery=1,
+        kappa=1,
+        sigma=0.0,
+        input_size=GRID,
+        device=torch.device("cpu"),
+        gallery="knn",
+        pixel_bank="disk",
+    )
     index = faiss.IndexFlatL2(D_GLOBAL)
     index.add(glob)
     q_t = torch.from_numpy(qs)
@@ -135,7 +148,10 @@ def global_case(k: int, repeats: int, rng) -> dict:
     ref = out["torch fp32"]
     return {
         "case": f"global {Q_GLOBAL}x{D_GLOBAL} vs {N_GLOBAL}",
-        "queries": Q_GLOBAL, "dim": D_GLOBAL, "gallery": N_GLOBAL, "k": k,
+        "queries": Q_GLOBAL,
+        "dim": D_GLOBAL,
+        "gallery": N_GLOBAL,
+        "k": k,
         "ms": {k_: v * 1e3 for k_, v in med.items()},
         "same_as_fp32": {k_: float((v == ref).float().mean()) for k_, v in out.items()},
         "max_abs_diff": None,
@@ -168,14 +184,24 @@ def main() -> int:
         for k, v in c["ms"].items():
             diff = "-" if c["max_abs_diff"] is None else f"{c['max_abs_diff'][k]:.2e}"
             print(f"{c['case']:<28} {k:<18} {v:10.2f} {base / v:9.2f} {c['same_as_fp32'][k]:7.2%} {diff:>10}")
-    print(f"threads {args.threads}, repeats {args.repeats} (median), load average before "
-          f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}, "
-          f"{time.monotonic() - t0:.0f} s")
+    print(
+        f"threads {args.threads}, repeats {args.repeats} (median), load average before "
+        f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}, "
+        f"{time.monotonic() - t0:.0f} s"
+    )
     summary = {
-        "benchmark": "knn_faiss", "threads": args.threads, "repeats": args.repeats, "kappa": args.kappa,
-        "k_image": args.k_image, "torch": torch.__version__, "faiss": faiss.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "loadavg_before": list(load_before), "loadavg_after": list(load_after), "cases": cases,
+        "benchmark": "knn_faiss",
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "kappa": args.kappa,
+        "k_image": args.k_image,
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+        "cases": cases,
     }
     line = json.dumps(summary, allow_nan=False)
     print(line)

@@ -8,6 +8,7 @@ generates (benchmarks/out/inputs/...); --only picks cases.
 
 Usage: python benchmarks/micro_cpu.py [--repeats 7] [--only backbone resize regions decode knn blur]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,27 +87,41 @@ def main(argv=None):
                     fmt_fn(f)
                     if i + 1 >= n:
                         break
-        res = timeit({
-            "rgb24 ndarray + ascontiguousarray (full frame, for drawing sinks)": lambda: dec(lambda f: np.ascontiguousarray(
-                f.to_ndarray(format="rgb24"))),
-            "decode only (no conversion)": lambda: dec(lambda f: None),
-            "rgb24 + cv2 INTER_AREA to 256 (before stream.picture)": lambda: dec(lambda f: resize_batch(
-                [np.ascontiguousarray(f.to_ndarray(format="rgb24"))], 256)),
-            "reformat to 256x256 rgb24 in swscale, new context per frame": lambda: dec(lambda f: f.to_ndarray(
-                width=256, height=256, format="rgb24", interpolation="AREA")),
-            "Picture.scaled(256): swscale, one reused context (current)": lambda: dec(
-                lambda f, r=VideoReformatter(): Picture(f, r).scaled(256)),
-            "yuv420p planes only (gray for flow etc.)": lambda: dec(lambda f: f.to_ndarray()),
-        }, max(3, args.repeats // 2))
+
+        res = timeit(
+            {
+                "rgb24 ndarray + ascontiguousarray (full frame, for drawing sinks)": lambda: dec(
+                    lambda f: np.ascontiguousarray(f.to_ndarray(format="rgb24"))
+                ),
+                "decode only (no conversion)": lambda: dec(lambda f: None),
+                "rgb24 + cv2 INTER_AREA to 256 (before stream.picture)": lambda: dec(
+                    lambda f: resize_batch([np.ascontiguousarray(f.to_ndarray(format="rgb24"))], 256)
+                ),
+                "reformat to 256x256 rgb24 in swscale, new context per frame": lambda: dec(
+                    lambda f: f.to_ndarray(width=256, height=256, format="rgb24", interpolation="AREA")
+                ),
+                "Picture.scaled(256): swscale, one reused context (current)": lambda: dec(
+                    lambda f, r=VideoReformatter(): Picture(f, r).scaled(256)  # noqa: B008 (one reused context)
+                ),
+                "yuv420p planes only (gray for flow etc.)": lambda: dec(lambda f: f.to_ndarray()),
+            },
+            max(3, args.repeats // 2),
+        )
         out["decode"] = report("decode 856x480 H.264, 48 frames", res, per=48)
 
     if want("resize"):
         batch = images[:B]
-        res = timeit({
-            "cv2 INTER_AREA (image files; videos: see decode)": lambda: resize_batch(batch, 256),
-            "cv2 INTER_LINEAR": lambda: [cv2.resize(x, (256, 256), interpolation=cv2.INTER_LINEAR) for x in batch],
-            "cv2 INTER_NEAREST": lambda: [cv2.resize(x, (256, 256), interpolation=cv2.INTER_NEAREST) for x in batch],
-        }, args.repeats, inner=4)
+        res = timeit(
+            {
+                "cv2 INTER_AREA (image files; videos: see decode)": lambda: resize_batch(batch, 256),
+                "cv2 INTER_LINEAR": lambda: [cv2.resize(x, (256, 256), interpolation=cv2.INTER_LINEAR) for x in batch],
+                "cv2 INTER_NEAREST": lambda: [
+                    cv2.resize(x, (256, 256), interpolation=cv2.INTER_NEAREST) for x in batch
+                ],
+            },
+            args.repeats,
+            inner=4,
+        )
         out["resize"] = report(f"resize 856x480 -> 256 (batch {B})", res, per=B)
 
     if want("backbone"):
@@ -126,6 +141,7 @@ def main(argv=None):
             def bf16():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     trunk(x_cl)
+
             fns = {
                 "channels_last fp32 eager (current)": lambda: trunk(x_cl),
                 "contiguous (NCHW) fp32 eager": lambda: trunk_c(x_c),
@@ -135,16 +151,19 @@ def main(argv=None):
             for f in fns.values():
                 f()
             res = timeit(fns, args.repeats)
-        out["backbone"] = report(f"EfficientNet-Lite0 trunk @256 (batch {B}, {torch.get_num_threads()} threads)",
-                                 res, per=B)
+        out["backbone"] = report(
+            f"EfficientNet-Lite0 trunk @256 (batch {B}, {torch.get_num_threads()} threads)", res, per=B
+        )
         with torch.inference_mode():
             fns = {}
             for bs in (8, 1, 4, 16):
                 xb = torch.from_numpy(resize_batch((images * 4)[:bs], 256))
-                fns[f"full extractor batch {bs}" + (" (current)" if bs == 8 else "")] = (
-                    lambda xb=xb, bs=bs: (ext(xb), bs))
+                fns[f"full extractor batch {bs}" + (" (current)" if bs == 8 else "")] = lambda xb=xb, bs=bs: (
+                    ext(xb),
+                    bs,
+                )
             per = {}
-            for k, f in fns.items():
+            for f in fns.values():
                 f()
             times = {k: [] for k in fns}
             for _ in range(args.repeats):
@@ -180,12 +199,16 @@ def main(argv=None):
         gsq = gal.pow(2).sum(-1)
         gal16 = gal.half()
         if want("knn"):
-            res = timeit({
-                "squared_distances fp32 + amin (current)": lambda: squared_distances(q, gal, gsq).amin(-1),
-                "torch.cdist + amin": lambda: torch.cdist(q, gal).amin(-1),
-                "bf16 matmul + amin": lambda: squared_distances(q.bfloat16(), gal16.bfloat16(), gsq).amin(-1),
-                "gallery fp16->fp32 conversion alone": lambda: gal16.float(),
-            }, args.repeats, inner=3)
+            res = timeit(
+                {
+                    "squared_distances fp32 + amin (current)": lambda: squared_distances(q, gal, gsq).amin(-1),
+                    "torch.cdist + amin": lambda: torch.cdist(q, gal).amin(-1),
+                    "bf16 matmul + amin": lambda: squared_distances(q.bfloat16(), gal16.bfloat16(), gsq).amin(-1),
+                    "gallery fp16->fp32 conversion alone": lambda: gal16.float(),
+                },
+                args.repeats,
+                inner=3,
+            )
             out["knn"] = report(f"pixel kNN (B={B}, 1024x1024x176)", res, per=B)
         if want("blur"):
             dist = torch.rand(B, g, g)
@@ -196,14 +219,29 @@ def main(argv=None):
 
             def cv():
                 d = dist.numpy()
-                return [cv2.GaussianBlur(cv2.resize(d[i], (256, 256), interpolation=cv2.INTER_LINEAR), (0, 0), 4.0,
-                                         borderType=cv2.BORDER_REFLECT_101) for i in range(B)]
+                return [
+                    cv2.GaussianBlur(
+                        cv2.resize(d[i], (256, 256), interpolation=cv2.INTER_LINEAR),
+                        (0, 0),
+                        4.0,
+                        borderType=cv2.BORDER_REFLECT_101,
+                    )
+                    for i in range(B)
+                ]
 
             def small_blur():  # blur at grid resolution (sigma/8), then upsample
                 m = gaussian_blur(dist, 4.0 / 8)
                 return F.interpolate(m.unsqueeze(1), size=(256, 256), mode="bilinear", align_corners=False)
-            res = timeit({"upsample + separable conv2d blur (current)": cur, "cv2 resize + GaussianBlur": cv,
-                          "blur at grid res, then upsample (approx.)": small_blur}, args.repeats, inner=3)
+
+            res = timeit(
+                {
+                    "upsample + separable conv2d blur (current)": cur,
+                    "cv2 resize + GaussianBlur": cv,
+                    "blur at grid res, then upsample (approx.)": small_blur,
+                },
+                args.repeats,
+                inner=3,
+            )
             out["post"] = report("map post-processing (upsample + blur)", res, per=B)
 
     if want("regions"):
@@ -228,15 +266,27 @@ def main(argv=None):
             peaks = np.maximum.reduceat(val, starts)
             return sums, peaks
 
-        res = timeit({
-            "find_regions (current: float64 copy + np.maximum.at)": lambda: [find_regions(m, thr, (856, 480), 64)
-                                                                            for m in maps],
-            "labelled pixels only + maximum.reduceat": lambda: [fast(m, thr, (856, 480), 64) for m in maps],
-        }, args.repeats, inner=3)
+        res = timeit(
+            {
+                "find_regions (current: float64 copy + np.maximum.at)": lambda: [
+                    find_regions(m, thr, (856, 480), 64) for m in maps
+                ],
+                "labelled pixels only + maximum.reduceat": lambda: [fast(m, thr, (856, 480), 64) for m in maps],
+            },
+            args.repeats,
+            inner=3,
+        )
         out["regions"] = report("regions (2% of pixels above threshold)", res, per=B)
         thr_none = float(maps[0].max()) + 1
-        res = timeit({"find_regions, nothing above threshold": lambda: [find_regions(m, thr_none, (856, 480), 64)
-                                                                         for m in maps]}, args.repeats, inner=3)
+        res = timeit(
+            {
+                "find_regions, nothing above threshold": lambda: [
+                    find_regions(m, thr_none, (856, 480), 64) for m in maps
+                ]
+            },
+            args.repeats,
+            inner=3,
+        )
         report("regions (normal frame)", res, per=B)
 
     out["loadavg_after"] = bu.loadavg()

@@ -9,6 +9,7 @@ modes fit on the same frames (bank.per_scene true / false, the rest `--config` o
 evaluate the whole test set; the table gives the pooled frame AUROC micro / macro and pixel AUROC, and the
 frame AUROC micro / macro of each scene's own test videos.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,9 @@ def main(argv=None) -> int:
     if not (avenue / "testing").is_dir():
         log(f"{avenue}: absent, the set is synthetic scenes only")
         avenue = None
-    data, names = build_set(out, avenue, args.synthetic_scenes, train_frames=args.train_frames,
-                            test_frames=args.test_frames)
+    data, names = build_set(
+        out, avenue, args.synthetic_scenes, train_frames=args.train_frames, test_frames=args.test_frames
+    )
     if len(names) < 2:
         raise SystemExit("per_scene.py: needs two scenes or more (--synthetic-scenes)")
     rows = []
@@ -110,14 +112,26 @@ def main(argv=None) -> int:
         fit_bank(cfg, data, out / f"bank_{tag}", progress=False)
         log(f"{tag}: eval")
         m = evaluate(cfg, data, out / f"bank_{tag}", out / f"eval_{tag}", progress=False, plots=False)
-        rows.append({"mode": tag, "frame_auroc_micro": m["frame_auroc_micro"], "frame_auroc_macro": m["frame_auroc_macro"],
-                     "pixel_auroc": m["pixel_auroc"], "scenes": scene_aurocs(m)})
-    print("| bank | frame micro | frame macro | pixel | " + " | ".join(f"scene {s} micro / macro" for s in names) + " |")
+        rows.append(
+            {
+                "mode": tag,
+                "frame_auroc_micro": m["frame_auroc_micro"],
+                "frame_auroc_macro": m["frame_auroc_macro"],
+                "pixel_auroc": m["pixel_auroc"],
+                "scenes": scene_aurocs(m),
+            }
+        )
+    print(
+        "| bank | frame micro | frame macro | pixel | " + " | ".join(f"scene {s} micro / macro" for s in names) + " |"
+    )
     print("|---" * (4 + len(names)) + "|")
     for r in rows:
         cells = [f"{r['scenes'][s]['micro']:.3f} / {r['scenes'][s]['macro']:.3f}" for s in names]
-        print(f"| {r['mode']} | {r['frame_auroc_micro']:.4f} | {r['frame_auroc_macro']:.4f} | {r['pixel_auroc']:.4f} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {r['mode']} | {r['frame_auroc_micro']:.4f} | {r['frame_auroc_macro']:.4f} | {r['pixel_auroc']:.4f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     if args.json:
         write_json(args.json, {"scenes": names, "rows": rows, "git": git_info()})
     return 0

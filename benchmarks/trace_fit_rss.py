@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Trace a fit's memory once a second (RSS, USS, shared) to see which phase holds it.
 
-    python benchmarks/trace_fit_rss.py DATA_DIR [MAX_FRAMES|all] [--bank DIR]
+python benchmarks/trace_fit_rss.py DATA_DIR [MAX_FRAMES|all] [--bank DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,11 @@ def main() -> int:
     for i in range(0, len(samples), max(1, len(samples) // 25)):
         t, rss, uss, sh = samples[i]
         print(f"{t - t0:6.0f}s rss {rss:7.0f} uss {uss:7.0f} shared {sh:7.0f}")
-    print(f"frames {meta['n_frames']} + {meta['calibration'].get('n_holdout', 0)} held out, "
-          f"{time.time() - t0:.0f} s; peak rss {max(s[1] for s in samples):.0f} MB, "
-          f"peak uss {max(s[2] for s in samples):.0f} MB")
+    print(
+        f"frames {meta['n_frames']} + {meta['calibration'].get('n_holdout', 0)} held out, "
+        f"{time.time() - t0:.0f} s; peak rss {max(s[1] for s in samples):.0f} MB, "
+        f"peak uss {max(s[2] for s in samples):.0f} MB"
+    )
     shutil.rmtree(args.bank, ignore_errors=True)
     return 0
 

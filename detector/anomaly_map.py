@@ -1,6 +1,7 @@
 """The anomaly map's resampling: SPADE's grid of cell distances, bilinearly upsampled to the input size and
 Gaussian-smoothed (sigma 4, reflected borders as scipy.ndimage's default), both done by one precomputed
 separable matrix (`upsample_blur_operator`, applied by SpadeScorer.upsample as A @ dist @ A^T)."""
+
 from __future__ import annotations
 
 import math

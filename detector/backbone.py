@@ -4,6 +4,7 @@ Each backbone returns, for a batch of normalised images, the pyramid of its stri
 ("blocks 1-3" in the paper, ResNet's layer1-3) resampled to one `grid x grid` map and concatenated over
 channels, and the global-average-pooled output of its last block.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,7 +90,7 @@ def _unwrap_state_dict(obj, path: Path) -> dict:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a PyTorch state dict (a mapping of tensor names to tensors)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def _load_file(path: Path) -> dict:
@@ -125,8 +126,9 @@ def _fit_state_dict(model: nn.Module, sd: dict, origin: str) -> dict:
             mapped[k] = v
     bad = [k for k in target if mapped[k].shape != target[k].shape]
     if bad:
-        raise UserError(f"{origin}: tensor {bad[0]} has shape {tuple(mapped[bad[0]].shape)}, "
-                        f"expected {tuple(target[bad[0]].shape)}")
+        raise UserError(
+            f"{origin}: tensor {bad[0]} has shape {tuple(mapped[bad[0]].shape)}, expected {tuple(target[bad[0]].shape)}"
+        )
     return mapped
 
 
@@ -296,8 +298,10 @@ class FeatureExtractor(nn.Module):
         # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and a bank
         # fitted in fp32 on a CPU would then be queried with features that are not fp32.
         strict = self.precision == "fp32" and x.device.type == "cuda"
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
-                torch.backends.cudnn.flags(enabled=True, allow_tf32=not strict):
+        with (
+            torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+            torch.backends.cudnn.flags(enabled=True, allow_tf32=not strict),
+        ):
             taps, last = self._run_trunk(x)
         g = self.grid
         levels = []
@@ -342,4 +346,3 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"detector.device: {name!r} requested but no CUDA device is available")
     return dev
-

@@ -21,6 +21,7 @@ meta.json's calibration holds, since version 2, the frame-score components of ev
 (`holdout_components`, in time order, with `holdout_items`), so any frame score, combination or
 smoothing can be calibrated against them when the detector loads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from configs.errors import UserError
-from detector.scenes import INDEX as SCENE_INDEX, not_a_single_bank, read_index
 from configs import jsonsafe
+from configs.errors import UserError
+from detector.scenes import INDEX as SCENE_INDEX
+from detector.scenes import not_a_single_bank, read_index
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no motion model, no held-out component sequences; 2: no coreset
@@ -136,8 +138,11 @@ def write_coreset(directory: Path, feats: np.ndarray, index: np.ndarray, params:
     (directory / (CORESET + ".part")).write_bytes(feats.tobytes())
     os.replace(directory / (CORESET + ".part"), directory / CORESET)
     np.save(directory / CORESET_INDEX, index)
-    meta["checksums"] = {**meta.get("checksums", {}), CORESET: _sha256_file(directory / CORESET),
-                         CORESET_INDEX: _sha256_file(directory / CORESET_INDEX)}
+    meta["checksums"] = {
+        **meta.get("checksums", {}),
+        CORESET: _sha256_file(directory / CORESET),
+        CORESET_INDEX: _sha256_file(directory / CORESET_INDEX),
+    }
     meta["coreset"] = dict(params)
     meta["coreset_stats"] = dict(stats, size=len(feats))
     write_meta(directory, meta)
@@ -219,31 +224,41 @@ def read_meta(directory: Path) -> dict:
         raise UserError(f"{path}: unreadable bank metadata ({err})") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
         got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise UserError(f"{path}: format_version is {got!r}, this program reads "
-                        f"{' or '.join(map(str, READABLE_VERSIONS))}")
+        raise UserError(
+            f"{path}: format_version is {got!r}, this program reads {' or '.join(map(str, READABLE_VERSIONS))}"
+        )
     return meta
 
 
 def _coreset_mismatch(have, want) -> str | None:
     if have is not None:
         return None  # other coreset settings: the generic message names detector.coreset
-    return ("detector.gallery is 'coreset' but this bank has no coreset (it was fitted with detector.gallery: "
-            "knn); fit it again with this config, or set detector.gallery: knn")
+    return (
+        "detector.gallery is 'coreset' but this bank has no coreset (it was fitted with detector.gallery: "
+        "knn); fit it again with this config, or set detector.gallery: knn"
+    )
 
 
 def _trunk_mismatch(have, want) -> str:
-    fix = ("set detector.backbone.freeze: false to use it as it is" if want == "frozen" else
-           "on a CPU set detector.backbone.freeze: true (a bank shared by CPU and GPU detectors is "
-           "fitted with freeze: false)")
-    return (f"this bank's bf16 features came from the {have} backbone trunk and this detector runs the {want} "
-            "one (detector.backbone.freeze, which only the CPU applies); bf16 rounds the two differently: fit the "
-            f"bank again with this config, or {fix}")
+    fix = (
+        "set detector.backbone.freeze: false to use it as it is"
+        if want == "frozen"
+        else "on a CPU set detector.backbone.freeze: true (a bank shared by CPU and GPU detectors is "
+        "fitted with freeze: false)"
+    )
+    return (
+        f"this bank's bf16 features came from the {have} backbone trunk and this detector runs the {want} "
+        "one (detector.backbone.freeze, which only the CPU applies); bf16 rounds the two differently: fit the "
+        f"bank again with this config, or {fix}"
+    )
 
 
 def _resize_mismatch(have, want) -> str:
-    return (f"this bank's frames were shrunk to the model input by another method ({have!r}; this version: "
-            f"{want!r}, stream/picture.py), so its features and thresholds do not match what the detector now "
-            "computes; fit the bank again")
+    return (
+        f"this bank's frames were shrunk to the model input by another method ({have!r}; this version: "
+        f"{want!r}, stream/picture.py), so its features and thresholds do not match what the detector now "
+        "computes; fit the bank again"
+    )
 
 
 # Keys whose mismatch needs more than "built with X, config gives Y": what it means and how to fix it.
@@ -258,10 +273,14 @@ def mismatch_message(key: str, have: Any, want: Any) -> str:
     if msg is not None:
         return msg
     if key in CONFIG_FIELDS:
-        return (f"bank's {key} was built with {have!r} but the config gives {CONFIG_FIELDS[key]}={want!r}; "
-                "use a matching config or fit a new bank")
-    return (f"bank was built with {key}={have!r} but the config gives {key}={want!r}; use a matching config or "
-            "fit a new bank")
+        return (
+            f"bank's {key} was built with {have!r} but the config gives {CONFIG_FIELDS[key]}={want!r}; "
+            "use a matching config or fit a new bank"
+        )
+    return (
+        f"bank was built with {key}={have!r} but the config gives {key}={want!r}; use a matching config or "
+        "fit a new bank"
+    )
 
 
 def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> MemoryBank:
@@ -298,8 +317,9 @@ def open_bank(directory: Path, expected: dict[str, Any] | None = None) -> Memory
         except (OSError, ValueError) as err:
             raise UserError(f"{directory / MOTION}: unreadable ({err})") from None
         if motion.ndim != 3 or motion.shape[0] != g * g or motion.dtype != np.float32:
-            raise UserError(f"{directory / MOTION}: shape {motion.shape} {motion.dtype}, expected "
-                            f"({g * g}, M, 3) float32")
+            raise UserError(
+                f"{directory / MOTION}: shape {motion.shape} {motion.dtype}, expected ({g * g}, M, 3) float32"
+            )
     coreset = coreset_index = None
     if meta.get("coreset") is not None:
         coreset, coreset_index = _load_coreset(directory, meta, c)
@@ -312,8 +332,10 @@ def _load_coreset(directory: Path, meta: dict, channels: int) -> tuple[np.ndarra
     want_bytes = size * channels * 2
     have_bytes = path.stat().st_size if path.is_file() else -1
     if size < 1 or have_bytes != want_bytes:
-        raise UserError(f"{path}: {'missing' if have_bytes < 0 else f'{have_bytes} bytes'}, expected {want_bytes} "
-                        f"({size} features x {channels} channels fp16): the bank is truncated or incomplete")
+        raise UserError(
+            f"{path}: {'missing' if have_bytes < 0 else f'{have_bytes} bytes'}, expected {want_bytes} "
+            f"({size} features x {channels} channels fp16): the bank is truncated or incomplete"
+        )
     feats = np.fromfile(path, dtype=np.float16).reshape(size, channels)
     try:
         index = np.load(directory / CORESET_INDEX)

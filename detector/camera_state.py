@@ -2,10 +2,11 @@
 camera's previous frame for optical flow, its causal smoothing window of frame scores and the sequence
 (Frame.sequence) of its latest frame. Frames of one camera must arrive in capture order.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,8 +38,15 @@ class CameraStates:
                 self._sequence.pop(camera_id, None)
             self._smoother.reset(camera_id)
 
-    def flow(self, extractor: FlowExtractor, model_input: np.ndarray, camera_ids: Sequence[str],
-             grid: int, indices: Sequence[int] | None = None, starts: Sequence[bool] | None = None) -> np.ndarray:
+    def flow(
+        self,
+        extractor: FlowExtractor,
+        model_input: np.ndarray,
+        camera_ids: Sequence[str],
+        grid: int,
+        indices: Sequence[int] | None = None,
+        starts: Sequence[bool] | None = None,
+    ) -> np.ndarray:
         """float32 [B, g, g, 3] flow cell features of each frame against its camera's last frame seen
         (then this frame becomes it). `indices` (frame indices) let a gap of a few dropped frames be
         bridged by scaling the flow; `starts` marks frames that begin a new sequence of their camera."""

@@ -5,9 +5,11 @@ camera over one shared backbone); test doubles implement it explicitly. The pipe
 and a `flow_tracker` of its own on each source's decode thread, `score_batch` on the detector thread and
 the returned batch's `results()` on the sink thread.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,8 +25,7 @@ class ScoredFrames(Protocol):
     """A batch scored on the detector thread; its per-frame results are built by `results()`, which the
     pipeline calls on its sink thread (regions and result objects), in the batch's frame order."""
 
-    def results(self) -> list[FrameResult]:
-        ...
+    def results(self) -> list[FrameResult]: ...
 
 
 class LiveDetector(Protocol):
@@ -38,7 +39,7 @@ class LiveDetector(Protocol):
         leaves it to the detector thread (`score_batch` then makes it from the picture)."""
         ...
 
-    def flow_tracker(self) -> "FlowTracker | None":
+    def flow_tracker(self) -> FlowTracker | None:
         """A new per-source optical-flow state, run on that source's decode thread after `prepare`
         (Frame.flow); None when the frame score needs no flow or the detector makes it itself."""
         ...

@@ -16,6 +16,7 @@ Selection, after pass 1 of `fit` has written pixel.f16:
 
 The bank stores the selected *original* (unprojected) features; scoring never sees the projection.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,20 +53,20 @@ def principal_rotation(points: torch.Tensor) -> None:
     acc = torch.zeros(d, d, dtype=torch.float64, device=points.device)
     tot = torch.zeros(d, dtype=torch.float64, device=points.device)
     for s in range(0, n, POINT_CHUNK):
-        x = points[s:s + POINT_CHUNK].double()
+        x = points[s : s + POINT_CHUNK].double()
         acc += x.T @ x
         tot += x.sum(0)
     mean = tot / max(n, 1)
     cov = acc / max(n, 1) - torch.outer(mean, mean)
     basis = torch.linalg.eigh(cov)[1].flip(1).float()  # eigenvalues ascending -> largest first
     for s in range(0, n, POINT_CHUNK):
-        points[s:s + POINT_CHUNK] = points[s:s + POINT_CHUNK] @ basis
+        points[s : s + POINT_CHUNK] = points[s : s + POINT_CHUNK] @ basis
 
 
 def _sqnorms(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for s in range(0, x.shape[0], POINT_CHUNK):
-        out[s:s + POINT_CHUNK] = x[s:s + POINT_CHUNK].pow(2).sum(-1)
+        out[s : s + POINT_CHUNK] = x[s : s + POINT_CHUNK].pow(2).sum(-1)
     return out
 
 
@@ -129,7 +130,7 @@ def greedy_kcenter(points: torch.Tensor, m: int, start: int, low_dims: int = LOW
         if t + 1 < m:
             b = int(torch.argmax(bmax))
             if float(bmax[b]) <= 0.0:
-                return picks[:t + 1]
+                return picks[: t + 1]
             c = b * BLOCK + int(torch.argmax(blocks[b]))
     return picks
 
@@ -169,8 +170,13 @@ def candidate_indices(total: int, max_features: int | None, rng: np.random.Gener
     return np.sort(rng.choice(total, size=max_features, replace=False)).astype(np.int64)
 
 
-def project_candidates(pixel_path: Path, shape: tuple[int, int, int], flat: np.ndarray,
-                       projection: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def project_candidates(
+    pixel_path: Path,
+    shape: tuple[int, int, int],
+    flat: np.ndarray,
+    projection: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
     """float32 [len(flat), d] on `device`: the candidates' features times `projection` [C, d].
 
     float32 rather than float16 although it is twice the memory: on a CPU, converting float16 rows to
@@ -212,8 +218,17 @@ def read_rows(pixel_path: Path, shape: tuple[int, int, int], flat: np.ndarray) -
     return out
 
 
-def build_coreset(pixel_path: Path, shape: tuple[int, int, int], *, fraction: float, max_size: int | None,
-                  projection_dim: int | None, max_features: int | None, seed: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, dict]:
+def build_coreset(
+    pixel_path: Path,
+    shape: tuple[int, int, int],
+    *,
+    fraction: float,
+    max_size: int | None,
+    projection_dim: int | None,
+    max_features: int | None,
+    seed: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Select the coreset of a bank's pixel.f16 [N, cells, C].
 
     Returns (float16 [M, C] original features, int32 [M, 2] (bank frame, cell) of each, statistics).
@@ -237,8 +252,14 @@ def build_coreset(pixel_path: Path, shape: tuple[int, int, int], *, fraction: fl
     chosen = flat[picks]
     feats = read_rows(Path(pixel_path), shape, chosen)
     index = np.stack([chosen // cells, chosen % cells], axis=1).astype(np.int32)
-    stats = {"size": int(len(chosen)), "candidates": int(len(flat)), "features": int(total),
-             "projected_dim": int(projection.shape[1]) if projection is not None else int(c),
-             "device": str(device), "project_s": round(t1 - t0, 2), "select_s": round(t2 - t1, 2),
-             "total_s": round(time.perf_counter() - t0, 2)}
+    stats = {
+        "size": int(len(chosen)),
+        "candidates": int(len(flat)),
+        "features": int(total),
+        "projected_dim": int(projection.shape[1]) if projection is not None else int(c),
+        "device": str(device),
+        "project_s": round(t1 - t0, 2),
+        "select_s": round(t2 - t1, 2),
+        "total_s": round(time.perf_counter() - t0, 2),
+    }
     return feats, index, stats

@@ -7,26 +7,27 @@ Two ways in, one scoring core (`Detector._score`):
            (`flow_features`) themselves and smooth with `smoothed_frame_scores` where they need to.
 Thresholds and the frame score live in detector/thresholds.py, per-camera state in detector/camera_state.py.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Sequence, cast
+from typing import cast
 
 import numpy as np
 import torch
 
 from configs.errors import UserError
 from configs.schema import AppConfig
+from detector import framescore
 from detector.backbone import FeatureExtractor, build_extractor, resolve_device
 from detector.bank import MemoryBank, open_bank
 from detector.camera_state import CameraStates
+from detector.motion import FlowExtractor, FlowTracker, MotionScorer, MovingGate
 from detector.regions import find_regions
 from detector.result import FrameResult
-from detector import framescore
-from detector.motion import FlowExtractor, FlowTracker, MotionScorer, MovingGate
 from detector.spade import SpadeOutput, SpadeScorer
 from detector.thresholds import Thresholds, combine_maps
 from stream.frame import Frame
@@ -49,9 +50,19 @@ class ScoredBatch:
     thread: the pipeline's detector thread goes on to the next batch while the sink thread finishes
     this one. Maps and neighbours are already on the host."""
 
-    def __init__(self, frames: Sequence[Frame], maps: np.ndarray, neighbours: np.ndarray,
-                 components: dict[str, np.ndarray], scores: np.ndarray, *, frame_threshold: float,
-                 pixel_threshold: float, min_area: int, k_image: int):
+    def __init__(
+        self,
+        frames: Sequence[Frame],
+        maps: np.ndarray,
+        neighbours: np.ndarray,
+        components: dict[str, np.ndarray],
+        scores: np.ndarray,
+        *,
+        frame_threshold: float,
+        pixel_threshold: float,
+        min_area: int,
+        k_image: int,
+    ):
         self.frames, self.maps, self.neighbours = frames, maps, neighbours
         self.components, self.scores = components, scores
         self.frame_threshold, self.pixel_threshold = frame_threshold, pixel_threshold
@@ -61,15 +72,23 @@ class ScoredBatch:
         pixel_t = self.pixel_threshold
         out = []
         for i, f in enumerate(self.frames):
-            out.append(FrameResult(
-                camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
-                score=float(self.scores[i]), threshold=self.frame_threshold, anomaly_map=self.maps[i],
-                regions=find_regions(self.maps[i], pixel_t, f.size, self.min_area),
-                frame_size=f.size, image_score=float(self.components["image_knn"][i]),
-                components={k: float(v[i]) for k, v in self.components.items()},
-                neighbours=self.neighbours[i, :self.k_image],
-                pixel_threshold=pixel_t if math.isfinite(pixel_t) else None, wall_ts=f.wall_ts,
-            ))
+            out.append(
+                FrameResult(
+                    camera_id=f.camera_id,
+                    frame_index=f.index,
+                    timestamp=f.timestamp,
+                    score=float(self.scores[i]),
+                    threshold=self.frame_threshold,
+                    anomaly_map=self.maps[i],
+                    regions=find_regions(self.maps[i], pixel_t, f.size, self.min_area),
+                    frame_size=f.size,
+                    image_score=float(self.components["image_knn"][i]),
+                    components={k: float(v[i]) for k, v in self.components.items()},
+                    neighbours=self.neighbours[i, : self.k_image],
+                    pixel_threshold=pixel_t if math.isfinite(pixel_t) else None,
+                    wall_ts=f.wall_ts,
+                )
+            )
         return out
 
 
@@ -90,21 +109,37 @@ def bank_signature(cfg: AppConfig, extractor: FeatureExtractor) -> dict:
         # (docs/results.md, "Precision and the frozen trunk")
         sig["bf16_trunk"] = extractor.trunk_kind
     if d.motion.enabled:  # only then, so banks without motion keep matching configs without it
-        sig["motion"] = {"flow_size": d.motion.flow_size, "preset": d.motion.preset, "window": d.motion.window,
-                         "centres": d.motion.centres}
+        sig["motion"] = {
+            "flow_size": d.motion.flow_size,
+            "preset": d.motion.preset,
+            "window": d.motion.window,
+            "centres": d.motion.centres,
+        }
     if d.gallery == "coreset":  # likewise: any bank serves gallery knn, only a matching coreset serves this
         sig["coreset"] = d.coreset.model_dump(mode="json")
     return sig
 
 
-def frame_components(out: SpadeOutput, topq: float, pixel_threshold: float = math.inf,
-                     costly: Collection[str] = framescore.COSTLY,
-                     moving_weights: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+def frame_components(
+    out: SpadeOutput,
+    topq: float,
+    pixel_threshold: float = math.inf,
+    costly: Collection[str] = framescore.COSTLY,
+    moving_weights: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
     """Every frame-level statistic the detector can alert on, each [B] (see detector.framescore); of the
     costly ones (a sort or a connected-components pass per frame) only those named in `costly`."""
     app = out.appearance_maps if out.appearance_maps is not None else out.maps
-    return framescore.components(out.image_scores, app, out.maps, out.motion_maps, topq, pixel_threshold,
-                                 costly=costly, moving_weights=moving_weights)
+    return framescore.components(
+        out.image_scores,
+        app,
+        out.maps,
+        out.motion_maps,
+        topq,
+        pixel_threshold,
+        costly=costly,
+        moving_weights=moving_weights,
+    )
 
 
 def rank_dtype(setting: str, backbone_precision: str, device: torch.device) -> torch.dtype | None:
@@ -144,15 +179,25 @@ class Detector:
         self.flow_extractor = FlowExtractor(d.motion.flow_size, d.grid, d.motion.preset) if d.needs_flow else None
         self.motion_scorer = None
         if bank is not None:
-            self.scorer = SpadeScorer(bank, k_image=d.k_image, k_gallery=d.k_gallery, kappa=d.kappa,
-                                      sigma=d.sigma, input_size=d.input_size, device=device,
-                                      spatial_window=d.spatial_window, pixel_bank=d.pixel_bank,
-                                      gallery=d.gallery,
-                                      rank_dtype=rank_dtype(d.rank_precision, extractor.precision, device))
+            self.scorer = SpadeScorer(
+                bank,
+                k_image=d.k_image,
+                k_gallery=d.k_gallery,
+                kappa=d.kappa,
+                sigma=d.sigma,
+                input_size=d.input_size,
+                device=device,
+                spatial_window=d.spatial_window,
+                pixel_bank=d.pixel_bank,
+                gallery=d.gallery,
+                rank_dtype=rank_dtype(d.rank_precision, extractor.precision, device),
+            )
             if d.motion.enabled:
                 if bank.motion_model is None:
-                    raise UserError(f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
-                                    "(fit it again with this config)")
+                    raise UserError(
+                        f"{bank.directory}: detector.motion.enabled needs a bank fitted with motion "
+                        "(fit it again with this config)"
+                    )
                 self.motion_scorer = MotionScorer(bank.motion_model, d.grid, device)
         self._pin = device.type == "cuda"
         self.moving_gate: MovingGate | None = None
@@ -165,20 +210,23 @@ class Detector:
         if "moving_max" not in self.detector_cfg.components_used():
             return
         m = self.detector_cfg.moving
-        self.moving_gate = MovingGate(float(noise), m.noise_factor, m.static_weight, m.dilate,
-                                      self.detector_cfg.input_size, self.device)
+        self.moving_gate = MovingGate(
+            float(noise), m.noise_factor, m.static_weight, m.dilate, self.detector_cfg.input_size, self.device
+        )
 
     # construction -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, cfg: AppConfig, bank_dir: str | Path, share: "Detector | None" = None) -> "Detector":
+    def load(cls, cfg: AppConfig, bank_dir: str | Path, share: Detector | None = None) -> Detector:
         """The detector of the bank in `bank_dir`; with `share`, it runs that detector's backbone instead of
         building one (several banks scored in one process: scenes, cameras)."""
         extractor, device = (share.extractor, share.device) if share is not None else load_backbone(cfg)
         bank = open_bank(Path(bank_dir), expected=bank_signature(cfg, extractor))
         det = cls(cfg, extractor, bank, device)
         if "moving_max" in cfg.detector.components_used() and det.moving_gate is None:
-            raise UserError(f"{bank_dir}: frame score 'moving_max' needs the flow noise floor of the normal footage, "
-                            "which this bank lacks: it was fitted without moving_max (fit it again with this config)")
+            raise UserError(
+                f"{bank_dir}: frame score 'moving_max' needs the flow noise floor of the normal footage, "
+                "which this bank lacks: it was fitted without moving_max (fit it again with this config)"
+            )
         det.thresholds.warn_if_fitted_with_other_settings(bank_dir)
         det.thresholds.frame_calibration()  # fail now, not on the first frame, if the frame score cannot be calibrated
         return det
@@ -210,10 +258,14 @@ class Detector:
         """(pixel feature pyramid [B, C, g, g], global features [B, D]) of model inputs uint8 [B, S, S, 3]."""
         return self.extractor(self._to_device(model_input))
 
-    def flow_features(self, model_input: np.ndarray, camera_ids: Sequence[str] | str = "default",
-                      previous: Sequence[np.ndarray | None] | None = None,
-                      indices: Sequence[int] | None = None,
-                      starts: Sequence[bool] | None = None) -> np.ndarray | None:
+    def flow_features(
+        self,
+        model_input: np.ndarray,
+        camera_ids: Sequence[str] | str = "default",
+        previous: Sequence[np.ndarray | None] | None = None,
+        indices: Sequence[int] | None = None,
+        starts: Sequence[bool] | None = None,
+    ) -> np.ndarray | None:
         """float32 [B, g, g, 3] flow cell features of model inputs; None when the frame score needs no flow.
 
         With `previous` (each frame's previous model input, None for "no previous frame") the camera state
@@ -224,8 +276,9 @@ class Detector:
             return None
         if previous is None:
             cameras = [camera_ids] * len(model_input) if isinstance(camera_ids, str) else list(camera_ids)
-            return self.camera_states.flow(self.flow_extractor, model_input, cameras, self.detector_cfg.grid,
-                                           indices, starts)
+            return self.camera_states.flow(
+                self.flow_extractor, model_input, cameras, self.detector_cfg.grid, indices, starts
+            )
         flow = self.flow_extractor
         out = np.empty((len(model_input), self.detector_cfg.grid, self.detector_cfg.grid, 3), np.float32)
         for i, before in enumerate(previous):
@@ -233,8 +286,9 @@ class Detector:
         return out
 
     @torch.inference_mode()
-    def _score(self, pyramid: torch.Tensor, global_features: torch.Tensor, flow: np.ndarray | None,
-               costly: Collection[str]) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
+    def _score(
+        self, pyramid: torch.Tensor, global_features: torch.Tensor, flow: np.ndarray | None, costly: Collection[str]
+    ) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
         """The scoring core of both paths: SPADE maps (plus motion), then the frame components."""
         if self.scorer is None:
             raise RuntimeError("detector has no memory bank")
@@ -242,12 +296,17 @@ class Detector:
         batch = pyramid.shape[0]
         if self.motion_scorer is not None:
             motion_maps = self.scorer.upsample(self.motion_scorer.score(self._flow_or_still(flow, batch)))
-            final = combine_maps(out.maps, motion_maps, self.thresholds.pixel_norm(),
-                                 self.detector_cfg.motion.weight)
-            out = SpadeOutput(out.image_scores, out.neighbours, final, appearance_maps=out.maps,
-                              motion_maps=motion_maps)
-        components = frame_components(out, self.detector_cfg.topq, self.thresholds.pixel, costly=costly,
-                                      moving_weights=self.moving_weights(flow, batch))
+            final = combine_maps(out.maps, motion_maps, self.thresholds.pixel_norm(), self.detector_cfg.motion.weight)
+            out = SpadeOutput(
+                out.image_scores, out.neighbours, final, appearance_maps=out.maps, motion_maps=motion_maps
+            )
+        components = frame_components(
+            out,
+            self.detector_cfg.topq,
+            self.thresholds.pixel,
+            costly=costly,
+            moving_weights=self.moving_weights(flow, batch),
+        )
         return out, components
 
     def _flow_or_still(self, flow: np.ndarray | None, batch: int) -> np.ndarray:
@@ -269,17 +328,21 @@ class Detector:
         return {c for c in framescore.COSTLY if c in used}
 
     # the offline path ---------------------------------------------------------------------------
-    def score_offline(self, model_input: np.ndarray, flow: np.ndarray | None = None,
-                      features: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
+    def score_offline(
+        self,
+        model_input: np.ndarray,
+        flow: np.ndarray | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[SpadeOutput, dict[str, np.ndarray]]:
         """Maps and every frame component of model inputs uint8 [B, S, S, 3] with their flow cell features
         (`flow_features`; None: no flow known). Reads and changes no camera state. `features`: the inputs'
         backbone features when already computed (benchmarks that keep them)."""
         pyramid, global_features = features if features is not None else self.features(model_input)
         return self._score(pyramid, global_features, flow, framescore.COSTLY)
 
-    def smoothed_frame_scores(self, components: dict[str, np.ndarray], camera_ids: Sequence[str],
-                              starts: Sequence[bool] | None = None) -> np.ndarray:
+    def smoothed_frame_scores(
+        self, components: dict[str, np.ndarray], camera_ids: Sequence[str], starts: Sequence[bool] | None = None
+    ) -> np.ndarray:
         """The configured frame score of a batch, smoothed in each camera's causal window."""
         return self.camera_states.smooth(camera_ids, self.thresholds.frame_scores(components), starts)
 
@@ -303,12 +366,14 @@ class Detector:
         for i, f in enumerate(frames):
             prepared = f.small
             # Frame.__post_init__ wraps an RGB array given as `picture`, so it is always a Picture here
-            out[i] = prepared if prepared is not None and prepared.shape == (s, s, 3) else \
-                cast(Picture, f.picture).scaled(s)
+            out[i] = (
+                prepared if prepared is not None and prepared.shape == (s, s, 3) else cast(Picture, f.picture).scaled(s)
+            )
         return out
 
-    def _batch_flow(self, frames: Sequence[Frame], model_input: np.ndarray,
-                    starts: Sequence[bool] | None = None) -> np.ndarray | None:
+    def _batch_flow(
+        self, frames: Sequence[Frame], model_input: np.ndarray, starts: Sequence[bool] | None = None
+    ) -> np.ndarray | None:
         """Flow cell features [B, g, g, 3] of a batch: the sources' where they computed them, else from
         each camera's previous frame seen here, unless `starts` says a frame begins a new sequence (None
         when the frame score needs no flow)."""
@@ -323,14 +388,21 @@ class Detector:
             else:
                 out[i] = f.flow
         if missing:
-            out[missing] = self.flow_features(model_input[missing], [frames[i].camera_id for i in missing],
-                                              indices=[frames[i].index for i in missing],
-                                              starts=None if starts is None else [starts[i] for i in missing])
+            out[missing] = self.flow_features(
+                model_input[missing],
+                [frames[i].camera_id for i in missing],
+                indices=[frames[i].index for i in missing],
+                starts=None if starts is None else [starts[i] for i in missing],
+            )
         return out
 
-    def score_batch(self, frames: Sequence[Frame], all_components: bool = False,
-                    model_input: np.ndarray | None = None,
-                    features: tuple[torch.Tensor, torch.Tensor] | None = None) -> ScoredBatch:
+    def score_batch(
+        self,
+        frames: Sequence[Frame],
+        all_components: bool = False,
+        model_input: np.ndarray | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> ScoredBatch:
         """The live path: scores now, per-frame results later (`ScoredBatch.results`, on the sink
         thread); frame components the frame score does not read are skipped unless `all_components`.
         `model_input` / `features`: the frames' model inputs and backbone features when already computed
@@ -342,6 +414,14 @@ class Detector:
         costly = framescore.COSTLY if all_components else self.costly_components_read()
         out, components = self._score(pyramid, global_features, flow, costly)
         scores = self.smoothed_frame_scores(components, [f.camera_id for f in frames], starts)
-        return ScoredBatch(frames, out.maps.float().cpu().numpy(), out.neighbours.cpu().numpy(), components,
-                           scores, frame_threshold=self.thresholds.frame, pixel_threshold=self.thresholds.pixel,
-                           min_area=self.cfg.regions.min_area, k_image=self.detector_cfg.k_image)
+        return ScoredBatch(
+            frames,
+            out.maps.float().cpu().numpy(),
+            out.neighbours.cpu().numpy(),
+            components,
+            scores,
+            frame_threshold=self.thresholds.frame,
+            pixel_threshold=self.thresholds.pixel,
+            min_area=self.cfg.regions.min_area,
+            k_image=self.detector_cfg.k_image,
+        )

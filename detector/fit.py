@@ -1,30 +1,31 @@
 """Fitting a memory bank from normal footage, streaming to disk, then calibrating thresholds."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from configs.errors import UserError
 from configs.schema import AppConfig
-import torch
-
 from detector import framescore
 from detector.bank import PIXEL, BankWriter, clear_bank, open_bank, write_coreset, write_meta
 from detector.coreset import build_coreset
 from detector.detector import Detector, bank_signature, load_backbone
 from detector.motion import build_motion_model, flow_noise, frame_flow_medians
-from detector.thresholds import combine_maps, scoring_settings
 from detector.scenes import scene_dir, split_by_scene, write_index
-from stream.prefetch import prefetch
+from detector.thresholds import combine_maps, scoring_settings
 from stream.allocator import HeapTrimmer
 from stream.footage import FootageItem, check_counts, discover, iter_frames, select_indices, stc_training_dir
+from stream.prefetch import prefetch
 
 log = logging.getLogger(__name__)
+
 
 class FrameSpool:
     """Held-out frames (uint8 [S, S, 3], or None) kept in a temporary file, not in RAM: a 10 % holdout
@@ -65,7 +66,7 @@ def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list
     for idx in selected:
         k = int(round(len(idx) * fraction)) if len(idx) >= 4 else 0
         bank.append(idx[: len(idx) - k])
-        hold.append(idx[len(idx) - k:])
+        hold.append(idx[len(idx) - k :])
     if fraction > 0 and not any(hold) and sum(len(b) for b in bank) >= 2:
         # Too little footage per item for a stretch: hold out the tail of the longest item instead.
         i = max(range(len(bank)), key=lambda j: len(bank[j]))
@@ -77,6 +78,7 @@ def split_holdout(selected: list[list[int]], fraction: float) -> tuple[list[list
 def _frames(items: list[FootageItem], wanted: list[set[int]], size: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(item index, frame index, model input uint8 [S, S, 3]) of the wanted frames, decoded and shrunk
     ahead in a thread, the same way as the live sources do (stream.picture)."""
+
     def produce():
         for i, (item, w) in enumerate(zip(items, wanted)):
             if w:
@@ -103,9 +105,17 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
     metas: dict[str, dict] = {}
     for scene, idx in scenes.items():
         log.info("%s: scene %s (%d of %d scenes): %d videos", bank_dir, scene, len(metas) + 1, len(scenes), len(idx))
-        metas[scene] = _fit_items(cfg, [items[i] for i in idx], [selected[i] for i in idx],
-                                  bank_dir / scene_dir(scene), extractor, device, progress, f"{data} (scene {scene})",
-                                  desc=f"fit scene {scene}")
+        metas[scene] = _fit_items(
+            cfg,
+            [items[i] for i in idx],
+            [selected[i] for i in idx],
+            bank_dir / scene_dir(scene),
+            extractor,
+            device,
+            progress,
+            f"{data} (scene {scene})",
+            desc=f"fit scene {scene}",
+        )
         write_index(bank_dir, list(metas))
     return {"scenes": metas}
 
@@ -114,6 +124,7 @@ def fit_bank(cfg: AppConfig, data: str | Path, bank_dir: str | Path, progress: b
 class FitPlan:
     """Which frames of each footage item go into the bank, which are held out for calibration, and which
     must be decoded (both, plus each one's predecessor t-1 when the frame score needs flow)."""
+
     bank_frames: list[list[int]]
     holdout_frames: list[list[int]]
     bank_sets: list[set[int]]
@@ -121,7 +132,7 @@ class FitPlan:
     wanted: list[set[int]]
 
     @classmethod
-    def of(cls, selected: list[list[int]], holdout: float, needs_flow: bool) -> "FitPlan":
+    def of(cls, selected: list[list[int]], holdout: float, needs_flow: bool) -> FitPlan:
         bank_frames, holdout_frames = split_holdout(selected, holdout)
         bank_sets = [set(x) for x in bank_frames]
         holdout_sets = [set(x) for x in holdout_frames]
@@ -195,8 +206,15 @@ class HoldoutFrames:
                 spool.close()
 
 
-def _read_footage(items: list[FootageItem], plan: FitPlan, size: int, bank_frames: BankFrames,
-                  holdout: HoldoutFrames, progress: bool, desc: str) -> None:
+def _read_footage(
+    items: list[FootageItem],
+    plan: FitPlan,
+    size: int,
+    bank_frames: BankFrames,
+    holdout: HoldoutFrames,
+    progress: bool,
+    desc: str,
+) -> None:
     """Decode the planned frames once, in order, handing each to the bank or the holdout with its true
     predecessor (None unless frame t-1 was decoded just before it)."""
     last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (frame index, model input)
@@ -228,17 +246,33 @@ def _bank_meta(cfg: AppConfig, signature: dict, extractor, items: list[FootageIt
     meta.update(
         weights_origin=extractor.weights_origin,
         layers="blocks 1-3 (strides 4, 8, 16)",
-        sources=[{"path": str(it.path), "kind": it.kind, "frames": it.n_frames, "decoded": it.decoded,
-                  "fps": it.fps, "selected": len(b), "holdout": len(h)}
-                 for it, b, h in zip(items, plan.bank_frames, plan.holdout_frames)],
+        sources=[
+            {
+                "path": str(it.path),
+                "kind": it.kind,
+                "frames": it.n_frames,
+                "decoded": it.decoded,
+                "fps": it.fps,
+                "selected": len(b),
+                "holdout": len(h),
+            }
+            for it, b, h in zip(items, plan.bank_frames, plan.holdout_frames)
+        ],
         count_warnings=[w for w in (check_counts(it) for it in items) if w],
         fit={"every": bcfg.every, "max_frames": bcfg.max_frames, "holdout": bcfg.holdout},
     )
     return meta
 
 
-def _finish_bank(cfg: AppConfig, bank_dir: Path, writer: BankWriter, meta: dict, signature: dict,
-                 bank_frames: BankFrames, device: torch.device) -> None:
+def _finish_bank(
+    cfg: AppConfig,
+    bank_dir: Path,
+    writer: BankWriter,
+    meta: dict,
+    signature: dict,
+    bank_frames: BankFrames,
+    device: torch.device,
+) -> None:
     """Write the bank's metadata and motion model, then its coreset (detector.gallery: coreset)."""
     # Written by write_coreset once the coreset exists: a bank whose selection was interrupted is a
     # complete knn bank and is refused, by name, by a config asking for the coreset.
@@ -246,16 +280,26 @@ def _finish_bank(cfg: AppConfig, bank_dir: Path, writer: BankWriter, meta: dict,
     motion_model = None
     if cfg.detector.motion.enabled:
         motion_cfg = cfg.detector.motion
-        motion_model = build_motion_model(np.concatenate(bank_frames.motion_features).astype(np.float32),
-                                          motion_cfg.window, motion_cfg.centres)
+        motion_model = build_motion_model(
+            np.concatenate(bank_frames.motion_features).astype(np.float32), motion_cfg.window, motion_cfg.centres
+        )
         meta["motion"] = signature["motion"]
     writer.finish(meta, motion_model)
     if coreset_params is not None:
         fit_coreset(cfg, bank_dir, writer, device)
 
 
-def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int]], bank_dir: Path,
-               extractor, device: torch.device, progress: bool, data, desc: str = "fit") -> dict:
+def _fit_items(
+    cfg: AppConfig,
+    items: list[FootageItem],
+    selected: list[list[int]],
+    bank_dir: Path,
+    extractor,
+    device: torch.device,
+    progress: bool,
+    data,
+    desc: str = "fit",
+) -> dict:
     """Fit one bank from `items`' `selected` frames (`data` names them in errors, `desc` in the progress bar):
     plan -> read the footage into the bank and the holdout -> finish the bank -> calibrate on the holdout."""
     needs_flow = cfg.detector.needs_flow
@@ -264,22 +308,26 @@ def _fit_items(cfg: AppConfig, items: list[FootageItem], selected: list[list[int
         raise UserError(f"{data}: no frames selected for the bank (check bank.every / bank.max_frames)")
     signature = bank_signature(cfg, extractor)
     size = cfg.detector.input_size
-    writer = BankWriter(bank_dir, pixel_dim=extractor.pixel_dim, grid=cfg.detector.grid,
-                        global_dim=extractor.global_dim)
-    bank_frames = BankFrames(Detector(cfg, extractor, None, device), writer, cfg.detector.batch_size,
-                             keep_motion=cfg.detector.motion.enabled)
+    writer = BankWriter(
+        bank_dir, pixel_dim=extractor.pixel_dim, grid=cfg.detector.grid, global_dim=extractor.global_dim
+    )
+    bank_frames = BankFrames(
+        Detector(cfg, extractor, None, device), writer, cfg.detector.batch_size, keep_motion=cfg.detector.motion.enabled
+    )
     holdout = HoldoutFrames(bank_dir, size, needs_flow)
     try:  # the spools are temporary files: removed however fit ends
         _read_footage(items, plan, size, bank_frames, holdout, progress, desc)
-        _finish_bank(cfg, bank_dir, writer, _bank_meta(cfg, signature, extractor, items, plan), signature,
-                     bank_frames, device)
+        _finish_bank(
+            cfg, bank_dir, writer, _bank_meta(cfg, signature, extractor, items, plan), signature, bank_frames, device
+        )
         bank = open_bank(bank_dir)
         meta = bank.meta
         fps = float(np.median([it.fps for it in items])) if items else 25.0
         if len(holdout.frames):
             det = Detector(cfg, extractor, bank, device)
-            meta["calibration"] = calibrate(det, holdout.frames, fps, cfg, holdout.previous, holdout.items,
-                                            bank_frames.all_flow_medians())
+            meta["calibration"] = calibrate(
+                det, holdout.frames, fps, cfg, holdout.previous, holdout.items, bank_frames.all_flow_medians()
+            )
         else:
             log.warning("%s: no held-out frames (bank.holdout=0): thresholds must be set in the config", bank_dir)
             meta["calibration"] = {}
@@ -296,18 +344,37 @@ def fit_coreset(cfg: AppConfig, bank_dir: Path, writer: BankWriter, device: torc
     """Select the coreset of a finished bank's pixel.f16 and add it to the bank (detector.gallery: coreset)."""
     cc = cfg.detector.coreset
     shape = (writer.n, writer.grid * writer.grid, writer.pixel_dim)
-    log.info("%s: selecting the coreset (%d patch features, fraction %g, at most %s candidates) on %s",
-             bank_dir, shape[0] * shape[1], cc.fraction, cc.max_features, device)
-    feats, index, stats = build_coreset(bank_dir / PIXEL, shape, fraction=cc.fraction, max_size=cc.max_size,
-                                        projection_dim=cc.projection_dim, max_features=cc.max_features,
-                                        seed=cc.seed, device=device)
+    log.info(
+        "%s: selecting the coreset (%d patch features, fraction %g, at most %s candidates) on %s",
+        bank_dir,
+        shape[0] * shape[1],
+        cc.fraction,
+        cc.max_features,
+        device,
+    )
+    feats, index, stats = build_coreset(
+        bank_dir / PIXEL,
+        shape,
+        fraction=cc.fraction,
+        max_size=cc.max_size,
+        projection_dim=cc.projection_dim,
+        max_features=cc.max_features,
+        seed=cc.seed,
+        device=device,
+    )
     log.info("%s: coreset of %d features selected in %.1f s", bank_dir, stats["size"], stats["total_s"])
     return write_coreset(bank_dir, feats, index, cc.model_dump(mode="json"), stats)
 
 
-def calibrate(det: Detector, holdout: FrameSpool | list[np.ndarray], fps: float, cfg: AppConfig,
-              prev: FrameSpool | list[np.ndarray | None] | None = None, items: list[int] | None = None,
-              flow_medians: np.ndarray | None = None) -> dict:
+def calibrate(
+    det: Detector,
+    holdout: FrameSpool | list[np.ndarray],
+    fps: float,
+    cfg: AppConfig,
+    prev: FrameSpool | list[np.ndarray | None] | None = None,
+    items: list[int] | None = None,
+    flow_medians: np.ndarray | None = None,
+) -> dict:
     """Score held-out normal frames against the finished bank; store what thresholds need.
 
     With `prev` (each held-out frame's predecessor) and a detector that computes flow, the flow noise
@@ -350,15 +417,16 @@ def calibrate(det: Detector, holdout: FrameSpool | list[np.ndarray], fps: float,
     return cal
 
 
-def _holdout_flow(det: Detector, holdout, prev, batch_size: int,
-                  flow_medians: np.ndarray | None) -> tuple[list[np.ndarray], float]:
+def _holdout_flow(
+    det: Detector, holdout, prev, batch_size: int, flow_medians: np.ndarray | None
+) -> tuple[list[np.ndarray], float]:
     """Each held-out batch's flow cell features against its true predecessors, and the flow noise floor of
     the held-out frames plus the bank frames' `flow_medians`."""
     flows: list[np.ndarray] = []
     medians = [] if flow_medians is None else [np.asarray(flow_medians, dtype=np.float32)]
     for s in range(0, len(holdout), batch_size):
-        before = prev[s:s + batch_size]
-        flow = det.flow_features(np.stack(holdout[s:s + batch_size]), previous=before)
+        before = prev[s : s + batch_size]
+        flow = det.flow_features(np.stack(holdout[s : s + batch_size]), previous=before)
         assert flow is not None, "called only for a detector with a flow extractor"
         flows.append(flow)
         medians.append(frame_flow_medians(flows[-1], before))
@@ -379,8 +447,9 @@ def _score_holdout(det: Detector, holdout, flows: list[np.ndarray] | None, batch
     trimmer = HeapTrimmer()
     for j, s in enumerate(range(0, len(holdout), batch_size)):
         trimmer.maybe()
-        out, batch_components = det.score_offline(np.stack(holdout[s:s + batch_size]),
-                                                  flows[j] if flows is not None else None)
+        out, batch_components = det.score_offline(
+            np.stack(holdout[s : s + batch_size]), flows[j] if flows is not None else None
+        )
         for k, v in batch_components.items():
             components.setdefault(k, []).append(v)
         app = out.appearance_maps if out.appearance_maps is not None else out.maps
@@ -405,8 +474,10 @@ def _pixel_calibration(scored: HoldoutScores, quantile: float, motion_weight: fl
     final = app_maps
     if scored.motion_maps is not None:
         mot_maps = scored.motion_maps
-        norm = {"appearance": {"mean": float(app_maps.mean()), "q": float(np.quantile(app_maps, quantile))},
-                "motion": {"mean": float(mot_maps.mean()), "q": float(np.quantile(mot_maps, quantile))}}
+        norm = {
+            "appearance": {"mean": float(app_maps.mean()), "q": float(np.quantile(app_maps, quantile))},
+            "motion": {"mean": float(mot_maps.mean()), "q": float(np.quantile(mot_maps, quantile))},
+        }
         final = combine_maps(torch.from_numpy(app_maps), torch.from_numpy(mot_maps), norm, motion_weight).numpy()
     return PixelCalibration(final, float(np.quantile(final, quantile)), norm)
 

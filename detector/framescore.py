@@ -14,6 +14,7 @@ Components (each [B], higher = more anomalous):
 held-out normal frames (the contiguous tail of the normal footage that fit keeps out of the bank).
 Test statistics are never used.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -57,10 +58,16 @@ def region_scores(maps: np.ndarray, threshold: float, stride: int = REGION_STRID
 COSTLY = frozenset({"topq", "motion_topq", "regions"})
 
 
-def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: torch.Tensor,
-               motion_maps: torch.Tensor | None, topq: float, pixel_threshold: float,
-               costly: Collection[str] = COSTLY, moving_weights: torch.Tensor | None = None
-               ) -> dict[str, np.ndarray]:
+def components(
+    image_scores: torch.Tensor,
+    app_maps: torch.Tensor,
+    final_maps: torch.Tensor,
+    motion_maps: torch.Tensor | None,
+    topq: float,
+    pixel_threshold: float,
+    costly: Collection[str] = COSTLY,
+    moving_weights: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
     """Every component (motion ones only with motion maps, moving_max only with moving weights); of the
     COSTLY ones only those in `costly`."""
     comps = {"image_knn": image_scores, "map_max": app_maps.flatten(1).amax(dim=1)}
@@ -80,8 +87,12 @@ def components(image_scores: torch.Tensor, app_maps: torch.Tensor, final_maps: t
 
 def stats_of(v: np.ndarray) -> dict:
     v = np.asarray(v, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(max(v.std(), 1e-12)), "max": float(v.max()),
-            "q99": float(np.quantile(v, 0.99))}
+    return {
+        "mean": float(v.mean()),
+        "std": float(max(v.std(), 1e-12)),
+        "max": float(v.max()),
+        "q99": float(np.quantile(v, 0.99)),
+    }
 
 
 def combine(comps: dict[str, np.ndarray], names: list[str], stats: dict[str, dict]) -> np.ndarray:

@@ -14,6 +14,7 @@ normal model:
 
 A frame whose camera has no previous frame yet gets zero flow (scored as static).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,11 @@ import torch
 import torch.nn.functional as F
 
 MOTION_DIM = 3
-_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-            "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+_PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
 
 
 def to_gray(img_rgb: np.ndarray, size: int) -> np.ndarray:
@@ -53,7 +57,7 @@ class FlowExtractor:
         return self.dis.calc(prev_gray, gray, None)  # type: ignore[call-overload]
 
     def cells(self, flow: np.ndarray) -> np.ndarray:
-        mag = np.sqrt((flow ** 2).sum(-1, keepdims=True))
+        mag = np.sqrt((flow**2).sum(-1, keepdims=True))
         stack = np.concatenate([flow, mag], axis=-1).astype(np.float32)
         g = self.grid
         interp = cv2.INTER_AREA if self.flow_size >= g else cv2.INTER_LINEAR
@@ -113,13 +117,13 @@ def kcenter(points: torch.Tensor, m: int, chunk: int = 64) -> torch.Tensor:
     g, p, d = points.shape
     out = torch.zeros(g, m, d, dtype=points.dtype)
     for s in range(0, g, chunk):
-        x = points[s:s + chunk]
+        x = points[s : s + chunk]
         mind = x.pow(2).sum(-1)  # distance to the zero centre
         rows = torch.arange(x.shape[0])
         for j in range(1, m):
             far = mind.argmax(dim=1)
             c = x[rows, far]  # [c, D]
-            out[s:s + chunk, j] = c
+            out[s : s + chunk, j] = c
             mind = torch.minimum(mind, (x - c[:, None, :]).pow(2).sum(-1))
     return out
 
@@ -181,8 +185,9 @@ class MovingGate:
     (configs.schema.MovingConfig): 1 where a cell, or one within `dilate` cells, moves faster than
     noise_factor x the camera's noise floor; static_weight where nothing moves; linear in between."""
 
-    def __init__(self, noise: float, noise_factor: float, static_weight: float, dilate: int, size: int,
-                 device: torch.device):
+    def __init__(
+        self, noise: float, noise_factor: float, static_weight: float, dilate: int, size: int, device: torch.device
+    ):
         self.moving = max(noise, FLOW_NOISE_FLOOR) * noise_factor
         self.static_weight, self.dilate, self.size, self.device = static_weight, dilate, size, device
 

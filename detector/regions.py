@@ -1,4 +1,5 @@
 """Anomaly map -> threshold -> connected components -> regions in frame pixels."""
+
 from __future__ import annotations
 
 import cv2
@@ -14,14 +15,15 @@ def _in_boxes(amap: np.ndarray, labels: np.ndarray, stats: np.ndarray, keep: np.
     means = np.empty(len(keep), dtype=np.float64)
     for j, lab in enumerate(keep):
         x, y, w, h, area = stats[lab]
-        box, inside = amap[y:y + h, x:x + w], labels[y:y + h, x:x + w] == lab
+        box, inside = amap[y : y + h, x : x + w], labels[y : y + h, x : x + w] == lab
         peaks[j] = box.max(where=inside, initial=-np.inf)
         means[j] = box.sum(where=inside, dtype=np.float64) / area
     return peaks, means
 
 
-def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int], min_area: int = 0,
-                 max_regions: int = 32) -> list[Region]:
+def find_regions(
+    amap: np.ndarray, threshold: float, frame_size: tuple[int, int], min_area: int = 0, max_regions: int = 32
+) -> list[Region]:
     """Regions of `amap` (float [S, S] at the model's input size) at or above `threshold`.
 
     Boxes and areas are scaled to `frame_size` (width, height); regions smaller than `min_area` frame
@@ -48,10 +50,16 @@ def find_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int]
     out = []
     for lab, peak, mean in zip(keep, peaks, means):
         x, y, w, h, _ = stats[lab]
-        out.append(Region(
-            x1=int(np.floor(x * sx)), y1=int(np.floor(y * sy)),
-            x2=min(fw, int(np.ceil((x + w) * sx))), y2=min(fh, int(np.ceil((y + h) * sy))),
-            peak=float(peak), mean=float(mean), area=int(areas[lab - 1]),
-        ))
+        out.append(
+            Region(
+                x1=int(np.floor(x * sx)),
+                y1=int(np.floor(y * sy)),
+                x2=min(fw, int(np.ceil((x + w) * sx))),
+                y2=min(fh, int(np.ceil((y + h) * sy))),
+                peak=float(peak),
+                mean=float(mean),
+                area=int(areas[lab - 1]),
+            )
+        )
     out.sort(key=lambda r: r.peak, reverse=True)
     return out

@@ -1,4 +1,5 @@
 """The one per-frame result type that flows from the detector to the evaluator and every sink."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,4 +67,3 @@ class FrameResult:
         if self.anomaly_map.shape == (h, w):
             return self.anomaly_map
         return cv2.resize(self.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
-

@@ -9,14 +9,15 @@ coreset's fixed budget over all of them and measure one flow noise floor for cam
     <bank>/scenes.json          {"format": "spade-scenes", "version": 1, "scenes": {"01": "scene_01", ...}}
     <bank>/scene_01/            a complete bank (`run --bank <bank>/scene_01` serves that camera)
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
-from configs.errors import UserError
 from configs import jsonsafe
+from configs.errors import UserError
 
 INDEX = "scenes.json"
 FORMAT = "spade-scenes"
@@ -43,9 +44,11 @@ def split_by_scene(names: list[str], setting: str | bool, stc_layout: bool) -> d
         return {}
     missing = [n for n, s in zip(names, scenes) if s is None]
     if missing:
-        raise UserError(f"bank.per_scene is true but {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''} do not follow STC's <scene>_<clip> naming "
-                        "(e.g. 01_001.avi); set bank.per_scene to auto or false")
+        raise UserError(
+            f"bank.per_scene is true but {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} do not follow STC's <scene>_<clip> naming "
+            "(e.g. 01_001.avi); set bank.per_scene to auto or false"
+        )
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(scenes):
         assert s is not None, "names without a scene were refused or returned {} above"
@@ -84,5 +87,7 @@ def not_a_single_bank(bank_dir: Path, scenes: dict[str, Path]) -> UserError:
     """The error for a command that needs one bank but was given a per-scene one."""
     names = ", ".join(list(scenes)[:13])
     first = next(iter(scenes.values()), Path(bank_dir) / "scene_NN")
-    return UserError(f"{bank_dir}: holds one bank per scene ({names}); give one of them, e.g. --bank {first} "
-                     "(`eval` takes the whole folder)")
+    return UserError(
+        f"{bank_dir}: holds one bank per scene ({names}); give one of them, e.g. --bank {first} "
+        "(`eval` takes the whole folder)"
+    )

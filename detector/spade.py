@@ -9,6 +9,7 @@ of patch features drawn from every bank frame (detector/coreset.py), resident on
 All distances are taken over the channel axis of [N, C] matrices. (The popular reference code calls
 torch.pairwise_distance on 4-D tensors, which on current PyTorch reduces over the last spatial axis.)
 """
+
 from __future__ import annotations
 
 import threading
@@ -79,16 +80,28 @@ def load_resident(bank: MemoryBank, device: torch.device) -> torch.Tensor:
     out = torch.empty((n, g * g, c), dtype=torch.float16, device=device)
     for i in range(0, n, RESIDENT_CHUNK_FRAMES):
         rows = bank.gather(np.arange(i, min(n, i + RESIDENT_CHUNK_FRAMES)))
-        out[i:i + len(rows)].copy_(torch.from_numpy(rows))
+        out[i : i + len(rows)].copy_(torch.from_numpy(rows))
     return out
 
 
 class SpadeScorer:
     """Holds the bank's global features on the device; pixel features stay memory-mapped on disk."""
 
-    def __init__(self, bank: MemoryBank, *, k_image: int, k_gallery: int, kappa: int, sigma: float,
-                 input_size: int, device: torch.device, spatial_window: int | None = None,
-                 pixel_bank: str = "disk", gallery: str = "knn", rank_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        bank: MemoryBank,
+        *,
+        k_image: int,
+        k_gallery: int,
+        kappa: int,
+        sigma: float,
+        input_size: int,
+        device: torch.device,
+        spatial_window: int | None = None,
+        pixel_bank: str = "disk",
+        gallery: str = "knn",
+        rank_dtype: torch.dtype | None = None,
+    ):
         n = bank.n_frames
         self.bank = bank
         self.k_image = min(k_image, n)
@@ -113,8 +126,10 @@ class SpadeScorer:
         self.coreset_ranked: tuple[torch.Tensor, torch.Tensor] | None = None
         if gallery == "coreset":
             if bank.coreset is None:
-                raise UserError(f"{bank.directory}: detector.gallery is 'coreset' but this bank has no coreset "
-                                "(fit it again with this config)")
+                raise UserError(
+                    f"{bank.directory}: detector.gallery is 'coreset' but this bank has no coreset "
+                    "(fit it again with this config)"
+                )
             # float32 on every device: the |r|^2 - 2 q.r expansion loses too much to cancellation in fp16
             self.coreset = torch.from_numpy(np.asarray(bank.coreset)).to(device).float()
             self.coreset_sqnorm = self.coreset.pow(2).sum(-1)
@@ -169,9 +184,12 @@ class SpadeScorer:
         bias = sqn[inverse].reshape(b, n)
         if self.rank_dtype is None:
             gal = feats[inverse].reshape(b, n, c)
-            out = [self._distances(prod.amin(dim=-1) if k == 1 else
-                                   torch.topk(prod, k, dim=-1, largest=False).values, q[s:e])
-                   for s, e, prod in self._products(q, gal, bias)]
+            out = [
+                self._distances(
+                    prod.amin(dim=-1) if k == 1 else torch.topk(prod, k, dim=-1, largest=False).values, q[s:e]
+                )
+                for s, e, prod in self._products(q, gal, bias)
+            ]
         else:
             rd = self.rank_dtype
             gal = feats.float().to(rd)[inverse].reshape(b, n, c)  # float16 -> bf16 directly is much slower
@@ -260,8 +278,11 @@ class SpadeScorer:
                 vals, idx = cur_v, cur_i
             else:
                 both_v, both_i = torch.cat([vals, cur_v], 1), torch.cat([idx, cur_i], 1)
-                pick = both_v.argmin(1, keepdim=True) if k == 1 else \
-                    torch.topk(both_v, k, dim=1, largest=False, sorted=False).indices
+                pick = (
+                    both_v.argmin(1, keepdim=True)
+                    if k == 1
+                    else torch.topk(both_v, k, dim=1, largest=False, sorted=False).indices
+                )
                 vals, idx = both_v.gather(1, pick), both_i.gather(1, pick)
         assert idx is not None, "a coreset has at least one feature"
         return idx
@@ -274,7 +295,7 @@ class SpadeScorer:
         for s in range(0, n, step):
             w = min(step, n - s)
             prod = buf[: m * w].view(m, w)
-            torch.addmm(sqn[s:s + w].unsqueeze(0), q, ref[s:s + w].T, alpha=-2.0, out=prod)
+            torch.addmm(sqn[s : s + w].unsqueeze(0), q, ref[s : s + w].T, alpha=-2.0, out=prod)
             yield s, prod
 
     def windowed_distances(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
@@ -296,8 +317,8 @@ class SpadeScorer:
             gj, nj = gal[inv[:, j]], gal_sqn[inv[:, j]]
             for dy in range(2 * r + 1):
                 for dx in range(2 * r + 1):
-                    dot = torch.einsum("bhwc,bhwc->bhw", q, gj[:, dy:dy + g, dx:dx + g])
-                    cands.append(nj[:, dy:dy + g, dx:dx + g] - 2.0 * dot)
+                    dot = torch.einsum("bhwc,bhwc->bhw", q, gj[:, dy : dy + g, dx : dx + g])
+                    cands.append(nj[:, dy : dy + g, dx : dx + g] - 2.0 * dot)
         d2 = (torch.stack(cands, dim=1) + q.pow(2).sum(-1).unsqueeze(1)).clamp_min_(0.0)  # [B, K*(2r+1)^2, g, g]
         if self.kappa == 1:
             return d2.amin(dim=1).sqrt()

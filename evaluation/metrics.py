@@ -1,4 +1,5 @@
 """AUROC helpers. Pixel AUROC streams: one histogram per class over float16 values, exact for them."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """PNG plots for an evaluation run: ROC curves and per-video score-vs-label timelines."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,14 @@ import numpy as np  # noqa: E402
 from evaluation.metrics import PixelAuroc, auroc, frame_curve  # noqa: E402
 
 
-def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, pix: PixelAuroc,
-                videos: dict[str, dict], thresholds: dict[str, float]) -> list[Path]:
+def write_plots(
+    out_dir: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    pix: PixelAuroc,
+    videos: dict[str, dict],
+    thresholds: dict[str, float],
+) -> list[Path]:
     """roc.png and videos/<name>.png; `thresholds`: each video's frame threshold."""
     written = []
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -43,8 +50,15 @@ def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, pix: Pixe
         fig, ax = plt.subplots(figsize=(8, 2.6))
         if len(idx):
             top = np.nanmax(s) if np.isfinite(s).any() else 1.0
-            ax.fill_between(idx, 0, np.where(lab > 0, top, np.nan), step="mid", color="tab:red", alpha=0.15,
-                            label="anomalous (label)")
+            ax.fill_between(
+                idx,
+                0,
+                np.where(lab > 0, top, np.nan),
+                step="mid",
+                color="tab:red",
+                alpha=0.15,
+                label="anomalous (label)",
+            )
             ax.plot(idx, s, color="tab:blue", lw=1.0, label="frame score")
             if math.isfinite(thresholds[name]):
                 ax.axhline(thresholds[name], color="tab:orange", lw=0.8, ls="--", label="threshold")

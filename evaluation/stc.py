@@ -1,9 +1,10 @@
 """The ShanghaiTech Campus (STC) test layout: frames, frame labels and pixel masks per video.
 
-    testing/frames/<video>/<NNN>.jpg
-    testing/test_frame_mask/<video>.npy   (T,)       1 = anomalous frame
-    testing/test_pixel_mask/<video>.npy   (T, H, W)  1 = anomalous pixel (optional)
+testing/frames/<video>/<NNN>.jpg
+testing/test_frame_mask/<video>.npy   (T,)       1 = anomalous frame
+testing/test_pixel_mask/<video>.npy   (T, H, W)  1 = anomalous pixel (optional)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,9 +66,7 @@ def load_test_set(root: str | Path) -> list[TestVideo]:
         if ppath.is_file():
             pm = _load_npy(ppath)
             if pm.ndim != 3 or pm.shape[0] != len(frames):
-                raise UserError(
-                    f"{ppath}: shape {pm.shape}, expected ({len(frames)}, H, W) for the frames in {vdir}"
-                )
+                raise UserError(f"{ppath}: shape {pm.shape}, expected ({len(frames)}, H, W) for the frames in {vdir}")
         else:
             ppath = None
         videos.append(TestVideo(vdir.name, frames, np.asarray(labels, dtype=np.uint8), ppath))

@@ -47,4 +47,5 @@ def pytest_terminal_summary(terminalreporter):
     if n:
         terminalreporter.write_line(
             f"{n} test(s) skipped: redis-server and/or GStreamer's RTSP server not installed "
-            "(`make system-deps` installs them; needs root)")
+            "(`make system-deps` installs them; needs root)"
+        )

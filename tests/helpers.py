@@ -1,5 +1,6 @@
 """Shared helpers of the pipeline-level tests: synthetic scenes, H.264 clips, a small config, a fitted
 bank shared by every test module of a session, and `run` / `run_until` drivers."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import av
 import numpy as np
 
 import configs
-from detector.detector import Detector
-from sinks import build_sinks
 from app.pipeline import Pipeline
+from detector.detector import Detector
 from detector.fit import fit_bank
+from sinks import build_sinks
 
 W, H = 192, 128
 ANOMALY = (24, 44)  # frames [a, b) carry the anomalous object
@@ -35,7 +36,7 @@ def scene(n, seed=0, anomaly=None, noise_seed=1, wrap=False):
             if wrap:
                 x = 8 + x % (W - 40)
             sq = np.indices((24, 24)).sum(0) // 4 % 2 * 255.0
-            img[40:64, x:x + 24] = sq[..., None] * np.array([1.0, 0.2, 0.1])
+            img[40:64, x : x + 24] = sq[..., None] * np.array([1.0, 0.2, 0.1])
         yield img.clip(0, 255).astype(np.uint8)
 
 
@@ -55,14 +56,22 @@ def write(path, frames, fps=24):
 
 
 def base_cfg(**pipeline):
-    return configs.parse({
-        "detector": {"backbone": {"name": "efficientnet_lite0"}, "input_size": 128, "grid": 16,
-                     "batch_size": 8, "frame_score": "map_max", "smooth_window": 1},
-        "bank": {"holdout": 0.25, "max_frames": None, "target_false_alarms_per_hour": 1.0},
-        "regions": {"min_area": 16},
-        "alerts": {"min_duration_s": 0.1, "exit_duration_s": 0.2},
-        "pipeline": {"max_batch": 4, "max_wait_ms": 10, "progress": False, **pipeline},
-    })
+    return configs.parse(
+        {
+            "detector": {
+                "backbone": {"name": "efficientnet_lite0"},
+                "input_size": 128,
+                "grid": 16,
+                "batch_size": 8,
+                "frame_score": "map_max",
+                "smooth_window": 1,
+            },
+            "bank": {"holdout": 0.25, "max_frames": None, "target_false_alarms_per_hour": 1.0},
+            "regions": {"min_area": 16},
+            "alerts": {"min_duration_s": 0.1, "exit_duration_s": 0.2},
+            "pipeline": {"max_batch": 4, "max_wait_ms": 10, "progress": False, **pipeline},
+        }
+    )
 
 
 class DetectorThreadOnly:

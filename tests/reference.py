@@ -1,6 +1,7 @@
 """Plain reference implementations the product does not use, kept for tests and benchmarks: the Gaussian
 blur and the spatial-window mask that detector/anomaly_map.py and SpadeScorer.windowed_distances replace
 with faster equivalents."""
+
 from __future__ import annotations
 
 import torch

@@ -112,9 +112,7 @@ class LoopingFileProducer:
 
     def _on_message(self, _bus: Gst.Bus, msg: Gst.Message) -> None:
         if msg.type == Gst.MessageType.EOS:
-            ok = self.pipeline.seek_simple(
-                Gst.Format.TIME, Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT, 0
-            )
+            ok = self.pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT, 0)
             if not ok:
                 log("seek to start failed; restarting producer pipeline")
                 self.pipeline.set_state(Gst.State.NULL)

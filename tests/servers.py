@@ -30,8 +30,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Optional, Sequence
+from typing import IO
 
 __all__ = [
     "free_port",
@@ -58,6 +59,7 @@ class ServerStartError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # generic helpers
 # --------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
@@ -127,7 +129,7 @@ def _preexec_fn():
 
 
 # every live process started here, so atexit can kill leftovers even if a test leaked one
-_LIVE: "weakref.WeakSet[_ManagedProcess]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[_ManagedProcess] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -150,12 +152,12 @@ class _ManagedProcess:
     name = "server"
     start_timeout = 15.0
 
-    def __init__(self, port: Optional[int] = None) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.port: int = port or free_port()
         self._port_fixed = port is not None
-        self.proc: Optional[subprocess.Popen] = None
-        self._log: Optional[IO[bytes]] = None
-        self._log_path: Optional[str] = None
+        self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+        self._log_path: str | None = None
 
     # -- to override -----------------------------------------------------------------------
     def _command(self) -> Sequence[str]:
@@ -169,13 +171,13 @@ class _ManagedProcess:
 
     # -- public ----------------------------------------------------------------------------
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "_ManagedProcess":
+    def start(self) -> _ManagedProcess:
         """Start the server (no-op if it runs). A port picked by free_port() that another
         process grabbed before the first start is replaced by a new free port (3 tries);
         after the first successful start the port never changes."""
@@ -228,7 +230,7 @@ class _ManagedProcess:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
-    def restart(self) -> "_ManagedProcess":
+    def restart(self) -> _ManagedProcess:
         """Start the server again on the same port (after kill() or stop(), or while running)."""
         self.stop()
         return self.start()
@@ -292,7 +294,7 @@ class _ManagedProcess:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def _fail(self, why: str) -> "ServerStartError":
+    def _fail(self, why: str) -> ServerStartError:
         return ServerStartError(f"{self.name} on port {self.port}: {why}\n--- log ---\n{self.log_text()}")
 
 
@@ -300,7 +302,8 @@ class _ManagedProcess:
 # Redis
 # --------------------------------------------------------------------------------------------
 
-def redis_server_binary() -> Optional[str]:
+
+def redis_server_binary() -> str | None:
     return shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
     )
@@ -322,9 +325,9 @@ class RedisServer(_ManagedProcess):
 
     def __init__(
         self,
-        port: Optional[int] = None,
-        password: Optional[str] = None,
-        acl_user: Optional[tuple[str, str]] = None,
+        port: int | None = None,
+        password: str | None = None,
+        acl_user: tuple[str, str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(port)
@@ -346,7 +349,7 @@ class RedisServer(_ManagedProcess):
         """redis://127.0.0.1:P/0 — no credentials (see url_with_auth)."""
         return f"redis://{HOST}:{self.port}/0"
 
-    def url_with_auth(self, username: Optional[str] = None, password: Optional[str] = None) -> str:
+    def url_with_auth(self, username: str | None = None, password: str | None = None) -> str:
         """URL with credentials: the ACL user if given/configured, else the requirepass password."""
         if username is None and password is None:
             if self.acl_user is not None:
@@ -364,14 +367,22 @@ class RedisServer(_ManagedProcess):
         os.makedirs(self._dir, exist_ok=True)
         cmd = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", HOST,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir,
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--loglevel", "warning",
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
         ]
         if self.password is not None:
             cmd += ["--requirepass", self.password]
@@ -421,7 +432,7 @@ class RedisServer(_ManagedProcess):
 # RTSP (GStreamer, run by the system python)
 # --------------------------------------------------------------------------------------------
 
-_rtsp_ok: Optional[bool] = None
+_rtsp_ok: bool | None = None
 
 
 def rtsp_available() -> bool:
@@ -448,7 +459,8 @@ def rtsp_available() -> bool:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     timeout=30,
-                ).returncode == 0
+                ).returncode
+                == 0
             )
         except (OSError, subprocess.TimeoutExpired):
             _rtsp_ok = False
@@ -467,11 +479,11 @@ class RtspServer(_ManagedProcess):
 
     def __init__(
         self,
-        video: Optional[os.PathLike | str] = None,
+        video: os.PathLike | str | None = None,
         *,
         loop: bool = True,
         mount: str = "/cam",
-        port: Optional[int] = None,
+        port: int | None = None,
         width: int = 320,
         height: int = 240,
         fps: int = 15,
@@ -483,7 +495,7 @@ class RtspServer(_ManagedProcess):
         self.mount = mount if mount.startswith("/") else "/" + mount
         self.width, self.height, self.fps, self.gop = width, height, fps, gop
         self._ready = threading.Event()
-        self._reader: Optional[threading.Thread] = None
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -491,12 +503,18 @@ class RtspServer(_ManagedProcess):
 
     def _command(self) -> Sequence[str]:
         cmd = [
-            SYSTEM_PYTHON, "-u", str(RTSP_SERVER_SCRIPT),
-            "--port", str(self.port), "--mount", self.mount, "--gop", str(self.gop),
+            SYSTEM_PYTHON,
+            "-u",
+            str(RTSP_SERVER_SCRIPT),
+            "--port",
+            str(self.port),
+            "--mount",
+            self.mount,
+            "--gop",
+            str(self.gop),
         ]
         if self.video is None:
-            cmd += ["--pattern", "--width", str(self.width), "--height", str(self.height),
-                    "--fps", str(self.fps)]
+            cmd += ["--pattern", "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps)]
         else:
             cmd += ["--video", self.video]
             if self.loop:
@@ -509,7 +527,7 @@ class RtspServer(_ManagedProcess):
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         return {"stdout": subprocess.PIPE, "stderr": self._log, "env": env}
 
-    def start(self) -> "RtspServer":
+    def start(self) -> RtspServer:
         if not self.is_running():
             self._ready = threading.Event()
         return super().start()  # type: ignore[return-value]
@@ -530,7 +548,9 @@ class RtspServer(_ManagedProcess):
     def _wait_ready(self, deadline: float) -> None:
         assert self.proc is not None
         self._reader = threading.Thread(
-            target=self._pump_stdout, args=(self.proc, self._ready), daemon=True,
+            target=self._pump_stdout,
+            args=(self.proc, self._ready),
+            daemon=True,
             name=f"rtsp-server-{self.port}-stdout",
         )
         self._reader.start()
@@ -549,6 +569,7 @@ class RtspServer(_ManagedProcess):
 # A TCP server that accepts connections and never sends anything
 # --------------------------------------------------------------------------------------------
 
+
 class SilentTcpServer:
     """Accepts TCP connections on 127.0.0.1:<free port> and never sends a byte.
 
@@ -556,20 +577,20 @@ class SilentTcpServer:
     Accepted sockets are kept open (and their input drained) until stop().
     """
 
-    def __init__(self, port: Optional[int] = None, mount: str = "/cam") -> None:
+    def __init__(self, port: int | None = None, mount: str = "/cam") -> None:
         self.port = port or 0
         self.mount = mount if mount.startswith("/") else "/" + mount
-        self._sock: Optional[socket.socket] = None
+        self._sock: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.accepted = 0
 
     @property
     def url(self) -> str:
         return f"rtsp://{HOST}:{self.port}{self.mount}"
 
-    def start(self) -> "SilentTcpServer":
+    def start(self) -> SilentTcpServer:
         if self._sock is not None:
             return self
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -635,14 +656,14 @@ class SilentTcpServer:
 
     close = stop
 
-    def __enter__(self) -> "SilentTcpServer":
+    def __enter__(self) -> SilentTcpServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-_LIVE_SILENT: "weakref.WeakSet[SilentTcpServer]" = weakref.WeakSet()
+_LIVE_SILENT: weakref.WeakSet[SilentTcpServer] = weakref.WeakSet()
 
 
 def _cleanup_silent() -> None:

@@ -1,4 +1,5 @@
 """Accuracy of the default configuration on the generated STC-layout set (and Avenue when present)."""
+
 import json
 import subprocess
 import sys
@@ -39,12 +40,27 @@ def test_default_config_on_synthetic_set(synthetic, tmp_path):
 
 
 def test_cli_fit_and_eval_every_5(synthetic, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "run_stream.py"), *map(str, a), "--quiet"],
-                                    capture_output=True, text=True, timeout=900)
+    run = lambda *a: subprocess.run(
+        [sys.executable, str(ROOT / "run_stream.py"), *map(str, a), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     r = run("fit", "--config", "default", "--data", synthetic, "--bank", tmp_path / "bank")
     assert r.returncode == 0, r.stderr
-    r = run("eval", "--config", "default", "--data", synthetic, "--bank", tmp_path / "bank",
-            "--out", tmp_path / "eval", "--every", "5")
+    r = run(
+        "eval",
+        "--config",
+        "default",
+        "--data",
+        synthetic,
+        "--bank",
+        tmp_path / "bank",
+        "--out",
+        tmp_path / "eval",
+        "--every",
+        "5",
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["n_frames"] == 3 * 24 and m["every"] == 5
@@ -65,10 +81,14 @@ def test_demo_end_to_end(tmp_path):
     import av
 
     def demo(*extra):
-        r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "demo", "--out", str(tmp_path / "d"),
-                            "--quiet", *extra], capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "run_stream.py"), "demo", "--out", str(tmp_path / "d"), "--quiet", *extra],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout[r.stdout.index("\n{") + 1:], parse_constant=lambda c: 1 / 0)
+        return json.loads(r.stdout[r.stdout.index("\n{") + 1 :], parse_constant=lambda c: 1 / 0)
 
     first = demo()
     run1 = Path(first["run"])

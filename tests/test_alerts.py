@@ -1,4 +1,5 @@
 """AlertTracker: hysteresis, minimum durations, update rules, shutdown — on synthetic score sequences."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,9 @@ BOX = Region(10, 10, 30, 30, 2.0, 1.5, 300)
 
 def make(camera, i, score, threshold=1.0, regions=None, t0=1000.0):
     ts = t0 + i * DT
-    res = FrameResult(camera, i, ts, float(score), threshold, np.zeros((8, 8), np.float32),
-                      list(regions or []), (64, 48))
+    res = FrameResult(
+        camera, i, ts, float(score), threshold, np.zeros((8, 8), np.float32), list(regions or []), (64, 48)
+    )
     return res, Frame(camera, i, ts, IMG)
 
 
@@ -36,11 +38,11 @@ CFG = AlertsConfig(min_duration_s=0.5, exit_duration_s=1.0, update_interval_s=0.
 def test_lifecycle_new_update_end_with_hysteresis():
     tr = AlertTracker(CFG)
     scores = (
-        [0.2] * 10                       # calm
-        + [1.5] * 8                      # 1 s above enter (1.0): opens after 0.5 s
+        [0.2] * 10  # calm
+        + [1.5] * 8  # 1 s above enter (1.0): opens after 0.5 s
         + [1.5, 1.8, 2.2, 2.6, 3.0, 3.0, 3.0, 3.0]  # rising peak: updates, rate limited
-        + [0.95] * 16                    # between exit (0.9) and enter: stays open (hysteresis)
-        + [0.5] * 12                     # below exit for 1.5 s: ends after 1.0 s
+        + [0.95] * 16  # between exit (0.9) and enter: stays open (hysteresis)
+        + [0.5] * 12  # below exit for 1.5 s: ends after 1.0 s
         + [0.2] * 4
     )
     events = run(tr, scores, regions=[BOX])
@@ -50,11 +52,11 @@ def test_lifecycle_new_update_end_with_hysteresis():
     assert len({e.alert_id for e in events}) == 1
 
     new, end = events[0], events[-1]
-    assert new.start_ts == 1000.0 + 10 * DT            # first frame of the run above enter
-    assert new.frame_index == 14                        # 0.5 s (4 frames) later
+    assert new.start_ts == 1000.0 + 10 * DT  # first frame of the run above enter
+    assert new.frame_index == 14  # 0.5 s (4 frames) later
     assert end.reason == "recovered"
-    assert end.end_ts == 1000.0 + 42 * DT               # first frame below exit
-    assert end.frame_index == 50                        # 1.0 s (8 frames) after that
+    assert end.end_ts == 1000.0 + 42 * DT  # first frame below exit
+    assert end.frame_index == 50  # 1.0 s (8 frames) after that
     assert end.peak_score == 3.0 and end.start_ts == new.start_ts
     # the peak only grows, and updates are at least update_interval_s apart
     peaks = [e.peak_score for e in events]
@@ -160,20 +162,31 @@ def test_alert_ids_unique_and_message_form():
     a, b = AlertTracker(CFG), AlertTracker(CFG)
     ea = run(a, [2.0] * 6)[0]
     eb = run(b, [2.0] * 6)[0]
-    assert ea.alert_id != eb.alert_id                     # same camera and start time, other run
+    assert ea.alert_id != eb.alert_id  # same camera and start time, other run
     assert ea.alert_id.startswith("cam-1000000-")
     msg = alert_message(ea)
     assert msg == {
-        "v": 1, "type": "new", "alert_id": ea.alert_id, "camera": "cam", "start_ts": 1000.0,
-        "end_ts": None, "start_media_ts": None, "end_media_ts": None, "peak_score": 2.0, "regions": [],
-        "peak_regions": [], "snapshot": None, "reason": None, "frame_index": 4,
+        "v": 1,
+        "type": "new",
+        "alert_id": ea.alert_id,
+        "camera": "cam",
+        "start_ts": 1000.0,
+        "end_ts": None,
+        "start_media_ts": None,
+        "end_media_ts": None,
+        "peak_score": 2.0,
+        "regions": [],
+        "peak_regions": [],
+        "snapshot": None,
+        "reason": None,
+        "frame_index": 4,
     }
 
 
 def test_timestamps_going_backwards_do_not_wedge_the_tracker():
     tr = AlertTracker(CFG)
-    events = run(tr, [2.0] * 6)                   # opens
-    events += run(tr, [0.1] * 12, start=-100)     # looped file: time jumps back, then recovers
+    events = run(tr, [2.0] * 6)  # opens
+    events += run(tr, [0.1] * 12, start=-100)  # looped file: time jumps back, then recovers
     assert [e.type for e in events] == ["new", "end"]
     events = run(tr, [2.0] * 6, start=500)
     assert [e.type for e in events] == ["new"]

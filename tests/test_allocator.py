@@ -1,4 +1,5 @@
 """HeapTrimmer: trims on its period, never more often, and is a no-op where malloc_trim is missing."""
+
 import sys
 
 import pytest

@@ -1,5 +1,6 @@
 """The traced and frozen CPU trunk gives the eager trunk's features (fp32) or features as good (bf16),
 whatever the batch size."""
+
 import pytest
 import torch
 

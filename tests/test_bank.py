@@ -1,4 +1,5 @@
 """Memory bank: fit round trip, refusal of mismatched or truncated banks, bounded decoding."""
+
 import json
 
 import av
@@ -29,9 +30,16 @@ def write_video(path, n=20, size=(96, 64), seed=0):
 
 
 def small_cfg(**det):
-    tree = {"detector": {"backbone": {"name": "resnet18", "weights": "random"}, "input_size": 64, "grid": 8,
-                         "batch_size": 4, **det},
-            "bank": {"holdout": 0.2, "max_frames": None}}
+    tree = {
+        "detector": {
+            "backbone": {"name": "resnet18", "weights": "random"},
+            "input_size": 64,
+            "grid": 8,
+            "batch_size": 4,
+            **det,
+        },
+        "bank": {"holdout": 0.2, "max_frames": None},
+    }
     return configs.parse(tree)
 
 
@@ -61,10 +69,11 @@ def test_fit_round_trip(tmp_path, videos):
     det = Detector.load(cfg, tmp_path / "bank")
     with av.open(str(videos / "a.mp4")) as c:
         # shrunk as fit shrank it: straight from the decoder's planes
-        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[0]
+        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[
+            0
+        ]
     assert res.components["image_knn"] < 1e-3 * cal["frame"]["image_knn"]["mean"]
     assert float(res.anomaly_map.max()) < 0.05 * cal["pixel_threshold"] + 1e-3
-
 
 
 def test_bank_of_an_older_version_with_its_faiss_index(tmp_path, videos):
@@ -80,10 +89,13 @@ def test_bank_of_an_older_version_with_its_faiss_index(tmp_path, videos):
     assert "global.faiss" not in bank.meta["checksums"]
     det = Detector.load(cfg, tmp_path / "bank")
     with av.open(str(videos / "a.mp4")) as c:
-        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[0]
+        res = det.score_batch([Frame("cam", 0, 0.0, Picture(next(c.decode(video=0))))], all_components=True).results()[
+            0
+        ]
     assert np.isfinite(res.score)
     fit_bank(cfg, videos, tmp_path / "bank", progress=False)
     assert not legacy.exists()
+
 
 def test_fit_with_every_and_max_frames(tmp_path, videos):
     cfg = small_cfg()
@@ -173,7 +185,9 @@ def test_bank_shrunk_by_the_older_method_is_refused(tmp_path, videos):
     assert meta["resize"] == "area-from-decoder"
     del meta["resize"]  # banks written before the key existed shrank full RGB frames with OpenCV
     (tmp_path / "bank" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"shrunk to the model input by another method \('area-from-rgb'.*fit the bank again"):
+    with pytest.raises(
+        UserError, match=r"shrunk to the model input by another method \('area-from-rgb'.*fit the bank again"
+    ):
         Detector.load(small_cfg(), tmp_path / "bank")
 
 
@@ -183,8 +197,11 @@ def test_bf16_bank_records_its_trunk_and_refuses_the_other(tmp_path, videos):
     fit_bank(eager, videos, tmp_path / "bank", progress=False)
     meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
     assert meta["bf16_trunk"] == "eager"
-    with pytest.raises(UserError, match=r"came from the eager backbone trunk and this detector runs the frozen one.*"
-                                        r"set detector.backbone.freeze: false"):
+    with pytest.raises(
+        UserError,
+        match=r"came from the eager backbone trunk and this detector runs the frozen one.*"
+        r"set detector.backbone.freeze: false",
+    ):
         Detector.load(small_cfg(precision="bf16"), tmp_path / "bank")
     Detector.load(eager, tmp_path / "bank")
     del meta["bf16_trunk"]  # bf16 banks written before the key existed came from the eager trunk

@@ -2,6 +2,7 @@
 
 Checks that the JSON has every key the tracker asks for, with positive values; no timing assertions.
 """
+
 import json
 import os
 import subprocess
@@ -30,9 +31,25 @@ def test_bench_pipeline_quick(tmp_path):
     cfg.write_text(TINY)
     out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick", "--config", str(cfg),
-           "--frames", "8", "--train-frames", "12", "--size", "192x128", "--repeats", "1",
-           "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_pipeline.py"),
+        "--quick",
+        "--config",
+        str(cfg),
+        "--frames",
+        "8",
+        "--train-frames",
+        "12",
+        "--size",
+        "192x128",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -58,9 +75,26 @@ def test_gpu_check_self_check_on_cpu(tmp_path):
     cfg.write_text(TINY)
     out = tmp_path / "check.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--config", str(cfg),
-           "--frames", "6", "--clip-frames", "8", "--train-frames", "12", "--size", "192x128",
-           "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--config",
+        str(cfg),
+        "--frames",
+        "6",
+        "--clip-frames",
+        "8",
+        "--train-frames",
+        "12",
+        "--size",
+        "192x128",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -80,9 +114,24 @@ def test_per_scene_benchmark_runs(tmp_path):
     cfg.write_text(TINY)
     out = tmp_path / "per_scene.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "per_scene.py"), "--avenue", str(tmp_path / "absent"),
-           "--synthetic-scenes", "2", "--train-frames", "24", "--test-frames", "36", "--config", str(cfg),
-           "--out", str(tmp_path / "work"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "per_scene.py"),
+        "--avenue",
+        str(tmp_path / "absent"),
+        "--synthetic-scenes",
+        "2",
+        "--train-frames",
+        "24",
+        "--test-frames",
+        "36",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -107,9 +156,33 @@ def test_frame_evidence_benchmark_matches_eval(tmp_path):
     generate_stc(data, seed=0, train_frames=40, test_frames=48)
     out = tmp_path / "fe.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    variants = "product,baseline,kappa_2,local_scale_sqrt_ratio,motion_novelty,moving_embedding,semantic_moving_0.5,semantic_moving_z,border_cell"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "frame_evidence.py"), "--data", str(data), "--config", str(cfg),
-           "--work", str(tmp_path / "work"), "--variants", variants, "--json", str(out)]
+    variants = ",".join(
+        [
+            "product",
+            "baseline",
+            "kappa_2",
+            "local_scale_sqrt_ratio",
+            "motion_novelty",
+            "moving_embedding",
+            "semantic_moving_0.5",
+            "semantic_moving_z",
+            "border_cell",
+        ]
+    )
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "frame_evidence.py"),
+        "--data",
+        str(data),
+        "--config",
+        str(cfg),
+        "--work",
+        str(tmp_path / "work"),
+        "--variants",
+        variants,
+        "--json",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -119,9 +192,27 @@ def test_frame_evidence_benchmark_matches_eval(tmp_path):
         assert 0.0 <= row["frame_micro"] <= 1.0
     assert rows["baseline"]["pixel"] is not None and rows["product"]["pixel"] is None
     assert abs(rows["baseline"]["frame_micro"] - rows["product"]["frame_micro"]) < 0.03
-    ev = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "eval", "--config", str(cfg), "--data", str(data),
-                         "--bank", r["bank"], "--out", str(tmp_path / "eval"), "--quiet"],
-                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=200)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_stream.py"),
+            "eval",
+            "--config",
+            str(cfg),
+            "--data",
+            str(data),
+            "--bank",
+            r["bank"],
+            "--out",
+            str(tmp_path / "eval"),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert rows["product"]["frame_micro"] == pytest.approx(m["frame_auroc_micro"], abs=1e-3)

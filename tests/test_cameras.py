@@ -1,16 +1,17 @@
 """Cameras with banks of their own on one live pipeline (sources[].bank, detector/cameras.py)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from app.cli import _apply_cli_overrides, run_pipeline
 from configs.errors import UserError
 from configs.schema import SourceConfig
 from detector.cameras import BankRouter
 from detector.detector import Detector
 from detector.fit import fit_bank
 from stream.avio import VideoInput
-from app.cli import _apply_cli_overrides, run_pipeline
 from stream.frame import Frame
 from stream.picture import Picture
 from tests.helpers import base_cfg, records, scene, write
@@ -40,8 +41,12 @@ def cfg_with(sources):
 
 
 def test_each_camera_is_scored_against_its_own_bank(env, other_bank):
-    cfg = cfg_with([SourceConfig(name="a", url=str(env / "clip.mp4")),
-                    SourceConfig(name="b", url=str(other_bank / "clip.mp4"), bank=str(other_bank / "bank"))])
+    cfg = cfg_with(
+        [
+            SourceConfig(name="a", url=str(env / "clip.mp4")),
+            SourceConfig(name="b", url=str(other_bank / "clip.mp4"), bank=str(other_bank / "bank")),
+        ]
+    )
     dets = BankRouter.for_cameras(cfg, env / "bank")
     assert len(dets.detectors) == 2 and dets.detector_for("a").extractor is dets.detector_for("b").extractor
     a = clip_frames(env / "clip.mp4", "a", dets.prepare)
@@ -50,8 +55,10 @@ def test_each_camera_is_scored_against_its_own_bank(env, other_bank):
     got = dets.score_batch(mixed).results()
     assert [(r.camera_id, r.frame_index) for r in got] == [(f.camera_id, f.index) for f in mixed]
 
-    alone = {cam: Detector.load(base_cfg(), bank).score_batch(frames).results()
-             for cam, bank, frames in (("a", env / "bank", a), ("b", other_bank / "bank", b))}
+    alone = {
+        cam: Detector.load(base_cfg(), bank).score_batch(frames).results()
+        for cam, bank, frames in (("a", env / "bank", a), ("b", other_bank / "bank", b))
+    }
     thresholds = {cam: rs[0].pixel_threshold for cam, rs in alone.items()}
     assert thresholds["a"] != thresholds["b"]
     for r in got:
@@ -89,8 +96,12 @@ def test_camera_bank_option(env):
 
 
 def test_run_with_a_bank_per_camera(env, other_bank, tmp_path):
-    cfg = cfg_with([SourceConfig(name="a", url=str(env / "clip.mp4"), bank=str(env / "bank")),
-                    SourceConfig(name="b", url=str(other_bank / "clip.mp4"), bank=str(other_bank / "bank"))])
+    cfg = cfg_with(
+        [
+            SourceConfig(name="a", url=str(env / "clip.mp4"), bank=str(env / "bank")),
+            SourceConfig(name="b", url=str(other_bank / "clip.mp4"), bank=str(other_bank / "bank")),
+        ]
+    )
     summary = run_pipeline(cfg, None, tmp_path, progress=False)
     assert summary.cameras["a"]["processed"] == 64 and summary.cameras["b"]["processed"] == 24
     frames = records(tmp_path / "events.jsonl", "frame")

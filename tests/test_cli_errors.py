@@ -1,4 +1,5 @@
 """Bad input ends with exit code 2 and one clear line naming the file, never a bare traceback."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,13 @@ bank: {holdout: 0.0}
 
 
 def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "run_stream.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_stream.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_clear_line(r, *needles):

@@ -1,7 +1,9 @@
 """The operator console in a real browser (Playwright driving Debian's Chromium) against a real Redis fed
 by the real live pipeline (app.pipeline.Pipeline over a looped synthetic clip, Redis + preview sinks and
 snapshots): the page lists the camera, a new alert shows within 2 s without a reload, the preview moves,
-"False alarm" reaches `spade:feedback`, a wrong token is refused; the screenshot is saved where SPADE_CONSOLE_SCREENSHOT says (docs/console.png for the README)."""
+"False alarm" reaches `spade:feedback`, a wrong token is refused; the screenshot is saved where
+SPADE_CONSOLE_SCREENSHOT says (docs/console.png for the README)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +24,9 @@ from configs.schema import SourceConfig  # noqa: E402
 from tests.servers import RedisServer, redis_available  # noqa: E402
 from tests.test_console_http import TOKEN, ConsoleServer  # noqa: E402
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()),
-                shutil.which("chromium"))
+CHROMIUM = next(
+    (p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), shutil.which("chromium")
+)
 ROOT = Path(__file__).resolve().parents[1]
 RED = np.array([230, 40, 40])
 
@@ -54,8 +57,10 @@ class LivePipeline:
         from app.pipeline import Pipeline
         from sinks import build_sinks
 
-        self.cfg.sources = [SourceConfig(name="gate", url=str(self.env / "clip.mp4"), fps=12, loop=True),
-                            SourceConfig(name="lobby", url=str(self.env / "plain.mp4"), fps=6, loop=True)]
+        self.cfg.sources = [
+            SourceConfig(name="gate", url=str(self.env / "clip.mp4"), fps=12, loop=True),
+            SourceConfig(name="lobby", url=str(self.env / "plain.mp4"), fps=6, loop=True),
+        ]
         self.pipe = Pipeline(self.cfg, detector, build_sinks(self.cfg.sinks, self.cfg.alerts, self.out))
         self.thread = threading.Thread(target=lambda: self.pipe.run(duration_s=240, progress=False), daemon=True)
         self.thread.start()
@@ -84,8 +89,10 @@ def test_console_in_a_browser(env, detector, tmp_path):
         for ps in (alerts_ps, feedback_ps):
             assert ps.get_message(timeout=2)["type"] == "subscribe"
         live = LivePipeline(env, tmp_path, srv.url)
-        with ConsoleServer(srv.url, snapshots_root=str(tmp_path / "snapshots")) as console, \
-                sync_api.sync_playwright() as pw:
+        with (
+            ConsoleServer(srv.url, snapshots_root=str(tmp_path / "snapshots")) as console,
+            sync_api.sync_playwright() as pw,
+        ):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1440, "height": 860})
             errors = []
@@ -116,8 +123,9 @@ def test_console_in_a_browser(env, detector, tmp_path):
 
                 # the preview image changes (a live picture, a few per second)
                 img = page.locator(".camera .preview img").first
-                page.wait_for_function("() => document.querySelector('.camera .preview img').naturalWidth > 0",
-                                       timeout=10_000)
+                page.wait_for_function(
+                    "() => document.querySelector('.camera .preview img').naturalWidth > 0", timeout=10_000
+                )
                 shots = [img.screenshot()]
                 for _ in range(10):
                     time.sleep(0.7)
@@ -129,7 +137,9 @@ def test_console_in_a_browser(env, detector, tmp_path):
                 # let the alert's snapshot and the sparkline fill in, then the screenshot for the README
                 page.wait_for_function(
                     f"() => {{ const i = document.querySelector(\"li.alert[data-id='{new['alert_id']}'] .thumb img\");"
-                    " return i && i.complete && i.naturalWidth > 0; }", timeout=10_000)
+                    " return i && i.complete && i.naturalWidth > 0; }",
+                    timeout=10_000,
+                )
                 time.sleep(3.5)
                 png = page.screenshot(full_page=False)
                 pixels = np.frombuffer(png, np.uint8)
@@ -158,8 +168,7 @@ def test_console_in_a_browser(env, detector, tmp_path):
                 assert fb["by"] == "console" and fb["v"] == 1
                 page.wait_for_selector("#d-fa:disabled", timeout=5_000)
                 page.click("#d-close")
-                page.wait_for_selector(f"li.alert[data-id='{new['alert_id']}'] .a-verdict.false_alarm",
-                                       timeout=5_000)
+                page.wait_for_selector(f"li.alert[data-id='{new['alert_id']}'] .a-verdict.false_alarm", timeout=5_000)
                 assert not errors, errors
             finally:
                 live.stop()

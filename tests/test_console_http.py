@@ -1,6 +1,7 @@
 """The operator console's HTTP API (app/console.py) against a real redis-server, filled by the real sinks
 (RedisSink + PreviewSink behind a SinkSet) with synthetic frame results: every endpoint, auth, CSRF,
 pagination, bad parameters, path rules, security headers and Server-Sent Events."""
+
 from __future__ import annotations
 
 import http.client
@@ -8,7 +9,6 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from urllib.parse import quote
 
 import numpy as np
@@ -27,8 +27,7 @@ from sinks.snapshots import SnapshotWriter  # noqa: E402
 from stream.frame import Frame  # noqa: E402
 from tests.servers import RedisServer, free_port, redis_available  # noqa: E402
 
-pytestmark = [pytest.mark.skipif(not redis_available(), reason="redis-server not installed"),
-              pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.skipif(not redis_available(), reason="redis-server not installed"), pytest.mark.timeout(120)]
 
 W, H = 320, 200
 BOX = Region(60, 40, 140, 120, 2.5, 1.2, 3000)
@@ -44,8 +43,9 @@ def make(i, score, camera="cam1", fps=10.0, t0=None):
     amap = np.zeros((64, 64), np.float32)
     if score >= 1.0:
         amap[14:38, 12:44] = 3.0
-    res = FrameResult(camera, i, ts, float(score), 1.0, amap, [BOX] if score >= 1.0 else [], (W, H),
-                      pixel_threshold=1.0)
+    res = FrameResult(
+        camera, i, ts, float(score), 1.0, amap, [BOX] if score >= 1.0 else [], (W, H), pixel_threshold=1.0
+    )
     return res, Frame(camera, i, ts, img)
 
 
@@ -63,8 +63,16 @@ class ConsoleServer:
         self.port = free_port()
         self.settings = ConsoleSettings(redis_url=redis_url, port=self.port, **kw)
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=1,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -186,11 +194,20 @@ def test_alerts_grouped_by_id_with_detail_and_snapshot(console, filled):
 
 
 def test_bad_parameters_are_4xx_with_a_message(console):
-    for path in ("/api/alerts?limit=0", "/api/alerts?limit=abc", "/api/alerts?limit=100000",
-                 "/api/alerts?state=burning", "/api/alerts?before=yesterday", "/api/alerts?camera=a%2Fb",
-                 "/api/alerts?bogus=1", "/api/cameras/cam1/scores?seconds=-5",
-                 "/api/cameras/cam1/scores?seconds=1e9", "/api/cameras/cam1/scores?points=x",
-                 "/api/cameras/..%2f..%2fetc/preview.jpg", "/api/alerts/no%20such/ack"):
+    for path in (
+        "/api/alerts?limit=0",
+        "/api/alerts?limit=abc",
+        "/api/alerts?limit=100000",
+        "/api/alerts?state=burning",
+        "/api/alerts?before=yesterday",
+        "/api/alerts?camera=a%2Fb",
+        "/api/alerts?bogus=1",
+        "/api/cameras/cam1/scores?seconds=-5",
+        "/api/cameras/cam1/scores?seconds=1e9",
+        "/api/cameras/cam1/scores?points=x",
+        "/api/cameras/..%2f..%2fetc/preview.jpg",
+        "/api/alerts/no%20such/ack",
+    ):
         r, data = console.request("GET", path)
         assert 400 <= r.status < 500, (path, r.status)
         assert json.loads(data)["error"], path
@@ -224,8 +241,9 @@ def test_actions_need_csrf_publish_feedback_and_record_verdicts(console, filled,
     r, data = console.post(f"/api/alerts/{aid}/false-alarm")  # no CSRF token
     assert r.status == 403 and "CSRF" in json.loads(data)["error"]
     tok = console.csrf()
-    r, _ = console.request("POST", f"/api/alerts/{aid}/ack",
-                           headers={"Cookie": f"spade_csrf={tok}", "X-CSRF-Token": "x" * 32})
+    r, _ = console.request(
+        "POST", f"/api/alerts/{aid}/ack", headers={"Cookie": f"spade_csrf={tok}", "X-CSRF-Token": "x" * 32}
+    )
     assert r.status == 403  # header and cookie differ
     r, _ = console.post(f"/api/alerts/{aid}/ack", tok, {"Origin": "http://evil.example"})
     assert r.status == 403  # cross-origin
@@ -257,10 +275,22 @@ def test_actions_need_csrf_publish_feedback_and_record_verdicts(console, filled,
 
 def _publish_alert(client, aid, camera, typ="new", start=None, snapshot=None, frame_index=1):
     start = time.time() if start is None else start
-    msg = {"v": 1, "type": typ, "alert_id": aid, "camera": camera, "start_ts": start,
-           "end_ts": start + 1 if typ == "end" else None, "start_media_ts": None, "end_media_ts": None,
-           "peak_score": 2.0, "regions": [], "peak_regions": [[1, 2, 30, 40, 2.0, 100]], "snapshot": snapshot,
-           "reason": "recovered" if typ == "end" else None, "frame_index": frame_index}
+    msg = {
+        "v": 1,
+        "type": typ,
+        "alert_id": aid,
+        "camera": camera,
+        "start_ts": start,
+        "end_ts": start + 1 if typ == "end" else None,
+        "start_media_ts": None,
+        "end_media_ts": None,
+        "peak_score": 2.0,
+        "regions": [],
+        "peak_regions": [[1, 2, 30, 40, 2.0, 100]],
+        "snapshot": snapshot,
+        "reason": "recovered" if typ == "end" else None,
+        "frame_index": frame_index,
+    }
     data = json.dumps(msg)
     client.xadd("spade:alerts", {"data": data})
     client.publish("spade:alerts", data)
@@ -370,8 +400,9 @@ def test_token_auth_login_cookie_and_refusals(redis_srv, filled):
         aid = filled["alert_id"]
         r, _ = console.request("POST", f"/api/alerts/{aid}/ack", headers={"Cookie": cookie})
         assert r.status == 403
-        r, _ = console.request("POST", f"/api/alerts/{aid}/ack",
-                               headers={"Cookie": f"{cookie}; spade_csrf={csrf}", "X-CSRF-Token": csrf})
+        r, _ = console.request(
+            "POST", f"/api/alerts/{aid}/ack", headers={"Cookie": f"{cookie}; spade_csrf={csrf}", "X-CSRF-Token": csrf}
+        )
         assert r.status == 200
         r, _ = console.request("GET", "/api/cameras", headers={"Cookie": "spade_session=" + "0" * 64})
         assert r.status == 401
@@ -387,8 +418,17 @@ def test_settings_refuse_a_public_bind_without_a_token(monkeypatch, tmp_path):
     from configs.errors import UserError
 
     def args(**kw):
-        base = dict(redis="redis://127.0.0.1:1/0", prefix="spade", bind="127.0.0.1", port=8080, token_env=None,
-                    secrets_file=None, redis_password_env=None, snapshots_root=None, video_root=None)
+        base = dict(
+            redis="redis://127.0.0.1:1/0",
+            prefix="spade",
+            bind="127.0.0.1",
+            port=8080,
+            token_env=None,
+            secrets_file=None,
+            redis_password_env=None,
+            snapshots_root=None,
+            video_root=None,
+        )
         return argparse.Namespace(**(base | kw))
 
     assert settings_from_args(args()).token is None
@@ -411,7 +451,9 @@ def test_settings_refuse_a_public_bind_without_a_token(monkeypatch, tmp_path):
 
 def test_sse_delivers_a_new_alert_within_2s(console, redis_srv):
     s = socket.create_connection(("127.0.0.1", console.port), timeout=5)
-    s.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{console.port}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    s.sendall(
+        f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{console.port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
     buf = b""
     while b": connected" not in buf:
         buf += s.recv(4096)
@@ -425,7 +467,7 @@ def test_sse_delivers_a_new_alert_within_2s(console, redis_srv):
         buf += s.recv(4096)
     took = time.monotonic() - t0
     assert took < 2.0
-    frame = buf[buf.index(b"event: alert"):]
+    frame = buf[buf.index(b"event: alert") :]
     data = json.loads(frame.split(b"data: ", 1)[1].split(b"\n", 1)[0])
     assert data["alert_id"] == "sse-1-abcdef" and data["state"] == "open" and data["camera"] == "ssecam"
     s.close()
@@ -455,8 +497,9 @@ def test_build_sinks_adds_the_preview_sink_with_a_redis_url(redis_srv, tmp_path)
     ss = build_sinks(cfg, ALERTS, tmp_path)
     assert any(isinstance(s, PreviewSink) for s in ss.sinks)
     ss.close()
-    cfg = SinksConfig.model_validate({"redis": {"url": redis_srv.url, "spool_dir": str(tmp_path / "sp")},
-                                      "preview": {"enabled": False}})
+    cfg = SinksConfig.model_validate(
+        {"redis": {"url": redis_srv.url, "spool_dir": str(tmp_path / "sp")}, "preview": {"enabled": False}}
+    )
     ss = build_sinks(cfg, ALERTS, tmp_path)
     assert not any(isinstance(s, PreviewSink) for s in ss.sinks)
     ss.close()

@@ -1,4 +1,5 @@
 """PatchCore-style coreset gallery: greedy k-centre selection, coreset scoring, bank round trip, config."""
+
 import json
 import math
 
@@ -20,11 +21,14 @@ from tests.test_bank import small_cfg, write_video
 from tests.test_spade import check_ranked
 
 
-@pytest.mark.parametrize("n,d,m,low_dims,start", [
-    (600, 8, 60, 32, 0),        # d <= low_dims: the bound is the full distance
-    (3000, 64, 400, 4, 17),     # a loose bound: many points need the full distance
-    (4000, 128, 800, 32, 3999),
-])
+@pytest.mark.parametrize(
+    "n,d,m,low_dims,start",
+    [
+        (600, 8, 60, 32, 0),  # d <= low_dims: the bound is the full distance
+        (3000, 64, 400, 4, 17),  # a loose bound: many points need the full distance
+        (4000, 128, 800, 32, 3999),
+    ],
+)
 def test_greedy_matches_brute_force(n, d, m, low_dims, start):
     rng = np.random.default_rng(n)
     x = (rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d)).astype(np.float32)  # unequal spreads
@@ -49,8 +53,11 @@ def test_greedy_rejects_half_precision():
 def random_bank(tmp_path, n=12, c=40, g=4, d=9, seed=0):
     rng = np.random.default_rng(seed)
     w = BankWriter(tmp_path / "bank", pixel_dim=c, grid=g, global_dim=d)
-    w.append(rng.normal(size=(n, c, g, g)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32),
-             [(0, i) for i in range(n)])
+    w.append(
+        rng.normal(size=(n, c, g, g)).astype(np.float32),
+        rng.normal(size=(n, d)).astype(np.float32),
+        [(0, i) for i in range(n)],
+    )
     w.finish({"backbone": "test", "input_size": 16})
     return tmp_path / "bank", (n, g * g, c)
 
@@ -58,9 +65,16 @@ def random_bank(tmp_path, n=12, c=40, g=4, d=9, seed=0):
 @pytest.mark.parametrize("projection_dim,max_features", [(8, None), (None, None), (16, 100)])
 def test_build_coreset_keeps_original_features(tmp_path, projection_dim, max_features):
     bank_dir, shape = random_bank(tmp_path)
-    feats, index, stats = cs.build_coreset(bank_dir / PIXEL, shape, fraction=0.2, max_size=None,
-                                           projection_dim=projection_dim, max_features=max_features, seed=1,
-                                           device=torch.device("cpu"))
+    feats, index, stats = cs.build_coreset(
+        bank_dir / PIXEL,
+        shape,
+        fraction=0.2,
+        max_size=None,
+        projection_dim=projection_dim,
+        max_features=max_features,
+        seed=1,
+        device=torch.device("cpu"),
+    )
     total = shape[0] * shape[1]
     candidates = total if max_features is None else max_features
     assert stats["candidates"] == candidates
@@ -93,8 +107,16 @@ def test_build_coreset_is_seeded(tmp_path):
 
 def coreset_bank(tmp_path, m=50, c=40):
     bank_dir, shape = random_bank(tmp_path, c=c)
-    feats, index, stats = cs.build_coreset(bank_dir / PIXEL, shape, fraction=1.0, max_size=m, projection_dim=8,
-                                           max_features=None, seed=0, device=torch.device("cpu"))
+    feats, index, stats = cs.build_coreset(
+        bank_dir / PIXEL,
+        shape,
+        fraction=1.0,
+        max_size=m,
+        projection_dim=8,
+        max_features=None,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     write_coreset(bank_dir, feats, index, {"fraction": 1.0}, stats)
     return open_bank(bank_dir)
 
@@ -107,8 +129,17 @@ def test_coreset_distances_match_float64(tmp_path, monkeypatch, kappa, block, ra
     assert bank.coreset.shape == (50, 40) and bank.coreset.dtype == np.float16
     rng = np.random.default_rng(5)
     q = rng.normal(size=(2, 40, 4, 4)).astype(np.float32)
-    sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=kappa, sigma=0, input_size=4, device=torch.device("cpu"),
-                     gallery="coreset", rank_dtype=rank)
+    sc = SpadeScorer(
+        bank,
+        k_image=1,
+        k_gallery=1,
+        kappa=kappa,
+        sigma=0,
+        input_size=4,
+        device=torch.device("cpu"),
+        gallery="coreset",
+        rank_dtype=rank,
+    )
     got = sc.pixel_distances(torch.from_numpy(q), None).numpy()
     ref = bank.coreset.astype(np.float64)
     cells = q.astype(np.float64).reshape(2, 40, 16).transpose(0, 2, 1)  # [B, g*g, C]
@@ -127,14 +158,21 @@ def test_coreset_distances_match_float64(tmp_path, monkeypatch, kappa, block, ra
 def test_scorer_refuses_a_bank_without_coreset(tmp_path):
     bank_dir, _ = random_bank(tmp_path)
     with pytest.raises(UserError, match="detector.gallery is 'coreset' but this bank has no coreset"):
-        SpadeScorer(open_bank(bank_dir), k_image=1, k_gallery=1, kappa=1, sigma=0, input_size=4,
-                    device=torch.device("cpu"), gallery="coreset")
+        SpadeScorer(
+            open_bank(bank_dir),
+            k_image=1,
+            k_gallery=1,
+            kappa=1,
+            sigma=0,
+            input_size=4,
+            device=torch.device("cpu"),
+            gallery="coreset",
+        )
 
 
 def coreset_cfg(**coreset):
     cfg = small_cfg(gallery="coreset")
-    cfg.detector.coreset = cfg.detector.coreset.model_copy(update={"fraction": 0.05, "projection_dim": 16,
-                                                                    **coreset})
+    cfg.detector.coreset = cfg.detector.coreset.model_copy(update={"fraction": 0.05, "projection_dim": 16, **coreset})
     return cfg
 
 
@@ -163,8 +201,9 @@ def test_fit_with_coreset_loads_and_scores(fitted, videos):
     bank = open_bank(bank_dir)
     bank.verify()  # the coreset files are checksummed too
     assert set(bank.meta["checksums"]) >= {CORESET, "coreset_index.npy"}
-    np.testing.assert_array_equal(bank.coreset, np.asarray(bank.pixel_features)[bank.coreset_index[:, 0],
-                                                                                bank.coreset_index[:, 1]])
+    np.testing.assert_array_equal(
+        bank.coreset, np.asarray(bank.pixel_features)[bank.coreset_index[:, 0], bank.coreset_index[:, 1]]
+    )
     det = Detector.load(coreset_cfg(), bank_dir)
     assert det.scorer.coreset is not None and np.isfinite(det.thresholds.pixel)
     # a bank frame: its cells in the coreset are at distance ~0 (fp16 rounding), the others are not
@@ -193,8 +232,11 @@ def test_knn_config_serves_a_coreset_bank(fitted, caplog):
 
 def test_coreset_config_against_knn_bank_is_refused(tmp_path, videos):
     fit_bank(small_cfg(gallery="knn"), videos, tmp_path / "bank", progress=False)
-    with pytest.raises(UserError, match=r"detector\.gallery is 'coreset' but this bank has no coreset.*"
-                                        r"detector\.gallery: knn"):
+    with pytest.raises(
+        UserError,
+        match=r"detector\.gallery is 'coreset' but this bank has no coreset.*"
+        r"detector\.gallery: knn",
+    ):
         Detector.load(coreset_cfg(), tmp_path / "bank")
 
 
@@ -219,8 +261,14 @@ def test_truncated_coreset_is_refused(tmp_path, fitted):
 
 
 def test_config_fields():
-    cfg = configs.parse({"detector": {"gallery": "coreset", "coreset": {"fraction": 0.03, "max_size": None,
-                                                                        "projection_dim": None, "seed": 2}}})
+    cfg = configs.parse(
+        {
+            "detector": {
+                "gallery": "coreset",
+                "coreset": {"fraction": 0.03, "max_size": None, "projection_dim": None, "seed": 2},
+            }
+        }
+    )
     assert cfg.detector.coreset.fraction == 0.03 and cfg.detector.coreset.max_features == 262_144
     default = configs.parse({}).detector
     assert default.gallery == "coreset" and default.coreset.max_size == 2048

@@ -9,6 +9,7 @@
 
 Every import counts, also one inside a function: a deferred import is still a dependency.
 """
+
 from __future__ import annotations
 
 import ast

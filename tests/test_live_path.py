@@ -1,6 +1,7 @@
 """The live path's division of work: model inputs prepared on the source threads, regions found on the
 sink thread, the pixel bank read from disk or held in memory, and NVDEC decoding falling back to the CPU.
 Each must give exactly what the plain, single-threaded path gives."""
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,6 @@ from stream.frame import Frame
 from stream.picture import Picture
 from stream.sources import Source
 from tests.helpers import DetectorThreadOnly, base_cfg, records, run
-
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """/metrics and /healthz of a running pipeline (real sources, detector and sinks), scraped over HTTP."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,14 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.pipeline import Pipeline
+from app.prometheus import MetricsServer
 from configs.schema import SourceConfig
 from sinks import build_sinks
-from app.prometheus import MetricsServer
-from app.pipeline import Pipeline
 from tests.helpers import base_cfg, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(240)
-
-
 
 
 def get(url, timeout=10.0):
@@ -56,8 +55,9 @@ class Running:
     def __enter__(self):
         self.metrics.start()
         self.box = {}
-        self.t = threading.Thread(target=lambda: self.box.setdefault("s", self.pipe.run(duration_s=180,
-                                                                                          progress=False)))
+        self.t = threading.Thread(
+            target=lambda: self.box.setdefault("s", self.pipe.run(duration_s=180, progress=False))
+        )
         self.t.start()
         return self
 
@@ -73,8 +73,15 @@ def test_metrics_series_and_values_during_a_run(env, detector, tmp_path):
     short = SourceConfig(name="short", url=str(env / "plain.mp4"))  # ends after 30 frames
     with Running([cam, short], detector, tmp_path) as r:
         p = r.pipe
-        wait_for(lambda: p.stats.camera("cam").processed >= 48 and p.stats.camera("cam").alerts_opened >= 1
-                 and p.sources[1].finished, timeout=150, what="48 frames, an alert and the short file's end")
+        wait_for(
+            lambda: (
+                p.stats.camera("cam").processed >= 48
+                and p.stats.camera("cam").alerts_opened >= 1
+                and p.sources[1].finished
+            ),
+            timeout=150,
+            what="48 frames, an alert and the short file's end",
+        )
         code, text = get(r.metrics.url + "/metrics")
         after = p.stats.camera("cam").processed
         code_h, health = get(r.metrics.url + "/healthz")
@@ -99,8 +106,11 @@ def test_metrics_series_and_values_during_a_run(env, detector, tmp_path):
     # the latency histogram saw every published frame, and its buckets are cumulative
     count = value(smp, "spade_latency_seconds_count", camera="cam")
     assert count == pytest.approx(processed, abs=8)
-    buckets = sorted((float(dict(k)["le"]), v) for (n, k), v in smp.items()
-                     if n == "spade_latency_seconds_bucket" and dict(k)["camera"] == "cam")
+    buckets = sorted(
+        (float(dict(k)["le"]), v)
+        for (n, k), v in smp.items()
+        if n == "spade_latency_seconds_bucket" and dict(k)["camera"] == "cam"
+    )
     assert buckets[-1][0] == float("inf") and buckets[-1][1] == count
     assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
     assert value(smp, "spade_latency_seconds_sum", camera="cam") > 0
@@ -117,8 +127,15 @@ def test_metrics_series_and_values_during_a_run(env, detector, tmp_path):
 
 
 def test_healthz_503_for_a_dead_camera_and_200_otherwise(env, detector, tmp_path):
-    dead = SourceConfig(name="dead", url=f"rtsp://user:hunter2@127.0.0.1:{free_port()}/x", open_timeout_s=1,
-                        read_timeout_s=1, reconnect_base_s=0.2, reconnect_max_s=0.5, health_timeout_s=2.0)
+    dead = SourceConfig(
+        name="dead",
+        url=f"rtsp://user:hunter2@127.0.0.1:{free_port()}/x",
+        open_timeout_s=1,
+        read_timeout_s=1,
+        reconnect_base_s=0.2,
+        reconnect_max_s=0.5,
+        health_timeout_s=2.0,
+    )
     ok = SourceConfig(name="ok", url=str(env / "plain.mp4"), fps=24, loop=True)
     with Running([dead, ok], detector, tmp_path) as r:
         p = r.pipe

@@ -1,4 +1,5 @@
 """Motion evidence: flow cell features, the per-cell normal-flow model, per-camera previous-frame state."""
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ def scene(x, y=24, seed=0, size=SIZE):
     """A textured static background with a bright textured 12x12 square at (x, y); RGB."""
     g = textured(seed, size).copy() // 2
     sq = textured(seed + 1, 12)[:12, :12] // 2 + 128
-    g[y:y + 12, x:x + 12] = sq
+    g[y : y + 12, x : x + 12] = sq
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
@@ -71,9 +72,17 @@ def test_motion_model_flags_unseen_direction_and_speed_here():
 
 
 def small_cfg(**det):
-    tree = {"detector": {"backbone": {"name": "resnet18", "weights": "random"}, "input_size": 64, "grid": 8,
-                         "batch_size": 4, "motion": {"enabled": True, "flow_size": 64, "preset": "medium"}, **det},
-            "bank": {"holdout": 0.25, "max_frames": None}}
+    tree = {
+        "detector": {
+            "backbone": {"name": "resnet18", "weights": "random"},
+            "input_size": 64,
+            "grid": 8,
+            "batch_size": 4,
+            "motion": {"enabled": True, "flow_size": 64, "preset": "medium"},
+            **det,
+        },
+        "bank": {"holdout": 0.25, "max_frames": None},
+    }
     return configs.parse(tree)
 
 
@@ -104,7 +113,9 @@ def test_detector_keeps_previous_frame_per_camera(motion_bank):
     left = [scene(13), scene(10)]  # the same square walking the wrong way
     fr = lambda cam, i, img: Frame(cam, i, float(i), img)  # noqa: E731
     # interleaved cameras: each camera's flow must come from its own previous frame
-    r = det.score_batch([fr("A", 0, right[0]), fr("B", 0, left[0]), fr("A", 1, right[1]), fr("B", 1, left[1])], all_components=True).results()
+    r = det.score_batch(
+        [fr("A", 0, right[0]), fr("B", 0, left[0]), fr("A", 1, right[1]), fr("B", 1, left[1])], all_components=True
+    ).results()
     a1, b1 = r[2].components["motion_max"], r[3].components["motion_max"]
     assert r[0].components["motion_max"] == pytest.approx(r[1].components["motion_max"])  # first: no flow
     assert b1 > 10 * a1 + 0.3, (a1, b1)  # map values are blurred: the peak is below the cell distance

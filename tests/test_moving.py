@@ -1,5 +1,6 @@
 """The moving_max frame score: appearance evidence weighted by where things move, against the camera's
 flow noise floor measured at fit."""
+
 import numpy as np
 import pytest
 import torch
@@ -56,9 +57,17 @@ def test_config_moving_max_needs_flow_not_the_motion_model():
 
 
 def small_cfg(**det):
-    tree = {"detector": {"backbone": {"name": "resnet18", "weights": "random"}, "input_size": SIZE, "grid": G,
-                         "batch_size": 4, "motion": {"flow_size": SIZE, "preset": "medium"}, **det},
-            "bank": {"holdout": 0.25, "max_frames": None}}
+    tree = {
+        "detector": {
+            "backbone": {"name": "resnet18", "weights": "random"},
+            "input_size": SIZE,
+            "grid": G,
+            "batch_size": 4,
+            "motion": {"flow_size": SIZE, "preset": "medium"},
+            **det,
+        },
+        "bank": {"holdout": 0.25, "max_frames": None},
+    }
     return configs.parse(tree)
 
 
@@ -88,7 +97,7 @@ def novel(img: np.ndarray, x: int, y: int = 44) -> np.ndarray:
     """`img` with a bright unseen 10x10 checkerboard patch at (x, y), below the square's row."""
     out = img.copy()
     chk = (np.indices((10, 10)).sum(0) % 2 * 255).astype(np.uint8)
-    out[y:y + 10, x:x + 10] = chk[:, :, None]
+    out[y : y + 10, x : x + 10] = chk[:, :, None]
     return out
 
 
@@ -163,6 +172,7 @@ def test_bank_without_holdout_still_measures_noise_floor(footage):
 
 # -- flow on the source threads ---------------------------------------------------------------------------
 
+
 def test_flow_tracker_follows_one_source_and_resets():
     from detector.motion import FlowExtractor, FlowTracker
 
@@ -176,13 +186,16 @@ def test_flow_tracker_follows_one_source_and_resets():
 
 
 def test_source_computes_flow_on_its_thread_and_resets_each_pass(env):
-    from detector.motion import FlowExtractor, FlowTracker
     from configs.schema import SourceConfig
+    from detector.motion import FlowExtractor, FlowTracker
     from stream.sources import Source
 
     size = 64
-    src = Source(SourceConfig(name="cam", url=str(env / "plain.mp4"), loop=True),
-                 prepare=lambda p: p.scaled(size), flow=FlowTracker(FlowExtractor(size, G, "medium")))
+    src = Source(
+        SourceConfig(name="cam", url=str(env / "plain.mp4"), loop=True),
+        prepare=lambda p: p.scaled(size),
+        flow=FlowTracker(FlowExtractor(size, G, "medium")),
+    )
     src.start()
     got = [src.read(timeout=10.0) for _ in range(34)]
     src.stop()
@@ -209,8 +222,9 @@ def test_detector_uses_the_sources_flow_like_its_own(moving_bank):
     det.camera_states.previous.clear()
     theirs = results_of(det, frames)
     assert "src" not in det.camera_states.previous  # the detector's own flow state was not needed
-    np.testing.assert_allclose([r.components["moving_max"] for r in theirs],
-                               [r.components["moving_max"] for r in own], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r.components["moving_max"] for r in theirs], [r.components["moving_max"] for r in own], rtol=1e-5
+    )
     assert theirs[3].components["moving_max"] > 0.9 * theirs[3].components["map_max"]  # the patch moves
     # a batch mixing frames with and without source flow: each frame gets the same evidence either way
     det.reset()

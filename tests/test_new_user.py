@@ -1,6 +1,7 @@
 """What a new user meets first (issue 16): backbone weights found on disk or named exactly, never
 downloaded; environment overrides blamed by variable name; red reserved for anomalous frames in the
 annotated video; no alarming faiss loader lines in `fit`."""
+
 from __future__ import annotations
 
 import subprocess
@@ -121,10 +122,10 @@ def test_bad_env_value_names_the_variable_bad_yaml_value_the_file(tmp_path, monk
     monkeypatch.setenv("SPADE__DETECTOR__GRID", "0")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("detector:\n  k_image: abc\n  colour: red\n")
-    lines = _errors(capsys, ["fit", "--config", str(cfg), "--data", str(tmp_path), "--bank",
-                             str(tmp_path / "b"), "--quiet"])
-    by_field = {f: [ln for ln in lines if f in ln] for f in ("detector.k_image", "detector.colour",
-                                                             "detector.grid")}
+    lines = _errors(
+        capsys, ["fit", "--config", str(cfg), "--data", str(tmp_path), "--bank", str(tmp_path / "b"), "--quiet"]
+    )
+    by_field = {f: [ln for ln in lines if f in ln] for f in ("detector.k_image", "detector.colour", "detector.grid")}
     assert all(len(v) == 1 for v in by_field.values()), lines
     assert by_field["detector.k_image"][0].startswith(f"error: {cfg}: detector.k_image:")
     assert by_field["detector.colour"][0].startswith(f"error: {cfg}: detector.colour is not a setting")
@@ -139,8 +140,9 @@ ANOMALY_BOX = Region(140, 50, 220, 150, 3.0, 2.0, 4000)
 
 def _result(score, regions, amap=None, pixel_threshold=1.0, threshold=1.0):
     amap = np.zeros((256, 256), np.float32) if amap is None else amap
-    return FrameResult("cam", 0, 100.0, score, threshold, amap, list(regions), (FW, FH),
-                       pixel_threshold=pixel_threshold)
+    return FrameResult(
+        "cam", 0, 100.0, score, threshold, amap, list(regions), (FW, FH), pixel_threshold=pixel_threshold
+    )
 
 
 def _red(px: np.ndarray) -> np.ndarray:
@@ -151,7 +153,7 @@ def _red(px: np.ndarray) -> np.ndarray:
 def _edges(img: np.ndarray, r: Region) -> np.ndarray:
     """The pixels on a region box's outline (as drawn: x2/y2 exclusive)."""
     x1, y1, x2, y2 = r.x1, r.y1, r.x2 - 1, r.y2 - 1
-    return np.concatenate([img[y1, x1:x2 + 1], img[y2, x1:x2 + 1], img[y1:y2 + 1, x1], img[y1:y2 + 1, x2]])
+    return np.concatenate([img[y1, x1 : x2 + 1], img[y2, x1 : x2 + 1], img[y1 : y2 + 1, x1], img[y1 : y2 + 1, x2]])
 
 
 def test_regions_of_a_normal_frame_are_not_red_those_of_an_anomalous_frame_are():
@@ -166,7 +168,7 @@ def test_regions_of_a_normal_frame_are_not_red_those_of_an_anomalous_frame_are()
 
     edge = _edges(anomalous, ANOMALY_BOX)
     assert _red(edge).mean() > 0.9, "an anomalous frame's region is not boxed in red"
-    assert _red(anomalous[:ANOMALY_BOX.y1 - 1, ANOMALY_BOX.x1:]).sum() > 100  # the label's red tag
+    assert _red(anomalous[: ANOMALY_BOX.y1 - 1, ANOMALY_BOX.x1 :]).sum() > 100  # the label's red tag
 
 
 def test_one_frame_boxes_only_when_anomalous_and_hidden_mode_draws_nothing():
@@ -190,8 +192,7 @@ def test_heat_map_is_drawn_and_scaled_by_the_frames_pixel_threshold():
     assert np.abs(tinted[inside].astype(int) - 90).max() > 10  # 1.5 = 1.5 x threshold: coloured
     calm = annotate_frame(image, _result(2.0, [], amap, pixel_threshold=2.0))
     assert np.array_equal(calm[inside], image[inside])  # under 0.8 x threshold: transparent
-    assert np.array_equal(annotate_frame(image, _result(0.5, [], amap), normal_regions="hidden")[40:],
-                          image[40:])
+    assert np.array_equal(annotate_frame(image, _result(0.5, [], amap), normal_regions="hidden")[40:], image[40:])
 
 
 def test_video_sink_option_reaches_the_annotator_and_is_validated(tmp_path):
@@ -205,7 +206,7 @@ def test_video_sink_option_reaches_the_annotator_and_is_validated(tmp_path):
         VideoSinkConfig(normal_region="hidden")  # unknown keys still refused
     image = np.full((FH, FW, 3), 90, np.uint8)
     out = Annotator(normal_regions="hidden").annotate(Frame("cam", 0, 100.0, image), _result(0.5, [NORMAL_BOX]))
-    assert not (out == annotate.GREY).all(-1)[40:FH - 40].any()
+    assert not (out == annotate.GREY).all(-1)[40 : FH - 40].any()
 
 
 def test_snapshot_of_a_normal_frame_has_no_red_box(tmp_path):
@@ -225,11 +226,28 @@ def test_fit_does_not_log_faiss_loader_failures(tmp_path):
         img = np.clip(base.astype(int) + rng.integers(-5, 6, base.shape), 0, 255).astype(np.uint8)
         cv2.imwrite(str(data / f"{i:03d}.png"), img)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("detector:\n  backbone: {name: resnet18, weights: random}\n  input_size: 64\n  grid: 8\n"
-                   "  gallery: knn\n  frame_score: map_max\n  smooth_window: 1\nbank: {holdout: 0.0}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "fit", "--config", str(cfg), "--data",
-                        str(data), "--bank", str(tmp_path / "bank"), "--quiet"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    cfg.write_text(
+        "detector:\n  backbone: {name: resnet18, weights: random}\n  input_size: 64\n  grid: 8\n"
+        "  gallery: knn\n  frame_score: map_max\n  smooth_window: 1\nbank: {holdout: 0.0}\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_stream.py"),
+            "fit",
+            "--config",
+            str(cfg),
+            "--data",
+            str(data),
+            "--bank",
+            str(tmp_path / "bank"),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "bank" / "global.faiss").exists()  # never read, no longer written
     out = r.stdout + r.stderr

@@ -1,4 +1,5 @@
 """Pictures: the model input straight from the decoder's planes, the full RGB frame only on demand."""
+
 import av
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ def _clip(path, size=(320, 180), n=6, pix_fmt="yuv420p", codec="libx264"):
         for i in range(n):
             img = np.zeros((size[1], size[0], 3), np.uint8)
             img[:, : size[0] // 2] = (200, 40, 40)  # a sharp colour edge: chroma subsampling shows there
-            img[size[1] // 3:, :, 1] = 180
+            img[size[1] // 3 :, :, 1] = 180
             img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape) + i, 0, 255).astype(np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 c.mux(p)

@@ -1,4 +1,5 @@
 """The live pipeline end to end with real components: PyAV sources, the detector, Redis, RTSP, video."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +11,12 @@ import av
 import numpy as np
 import pytest
 
+from app.pipeline import Pipeline
 from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
-from app.pipeline import Pipeline
-from tests.helpers import ANOMALY, H, W, DetectorThreadOnly, base_cfg, records, run, run_until
+from tests.helpers import ANOMALY, DetectorThreadOnly, H, W, base_cfg, records, run, run_until
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
-
-
 
 
 def test_file_source_processes_exactly_its_frames(env, tmp_path):
@@ -113,8 +112,9 @@ def test_live_source_with_slow_detector_drops_and_latency_stays_bounded(env, tmp
     cfg = base_cfg(max_batch=2)
     det = SlowDetector(Detector.load(cfg, env / "bank"), delay=0.15)
     src = SourceConfig(name="live", url=str(env / "clip.mp4"), fps=60, loop=True, queue_size=2)
-    pipe, s = run_until(cfg, env / "bank", tmp_path, [src], detector=det,
-                        done=lambda p: p.stats.camera("live").processed >= 24)
+    pipe, s = run_until(
+        cfg, env / "bank", tmp_path, [src], detector=det, done=lambda p: p.stats.camera("live").processed >= 24
+    )
     cam = s.cameras["live"]
     assert cam["processed"] >= 24
     assert cam["dropped"] > cam["processed"]  # decoding at 60 fps, scoring well below that
@@ -122,17 +122,28 @@ def test_live_source_with_slow_detector_drops_and_latency_stays_bounded(env, tmp
     # (A lossless queue here would fall ~50 frames behind per second: seconds of latency by the end.)
     lat = np.array(pipe.stats.camera("live")._latency)
     q = max(1, len(lat) // 4)
-    assert lat[-q:].mean() < lat[q:2 * q].mean() + 0.5, lat
+    assert lat[-q:].mean() < lat[q : 2 * q].mean() + 0.5, lat
     assert cam["latency_p99_ms"] < 3000
 
 
 def test_unreachable_camera_is_retried_while_others_run(env, tmp_path):
     cfg = base_cfg()
-    dead = SourceConfig(name="dead", url=f"rtsp://user:secret@127.0.0.1:{free_port()}/x", open_timeout_s=1,
-                        read_timeout_s=1, reconnect_base_s=0.2, reconnect_max_s=1.0)
+    dead = SourceConfig(
+        name="dead",
+        url=f"rtsp://user:secret@127.0.0.1:{free_port()}/x",
+        open_timeout_s=1,
+        read_timeout_s=1,
+        reconnect_base_s=0.2,
+        reconnect_max_s=1.0,
+    )
     ok = SourceConfig(name="ok", url=str(env / "plain.mp4"), fps=24, loop=True)
-    _, s = run_until(cfg, env / "bank", tmp_path, [dead, ok],
-                     done=lambda p: p.stats.camera("ok").processed >= 40 and p.sources[0].reconnects >= 2)
+    _, s = run_until(
+        cfg,
+        env / "bank",
+        tmp_path,
+        [dead, ok],
+        done=lambda p: p.stats.camera("ok").processed >= 40 and p.sources[0].reconnects >= 2,
+    )
     assert s.cameras["ok"]["processed"] >= 40
     assert s.cameras["dead"]["processed"] == 0 and s.cameras["dead"]["reconnects"] >= 2
     text = (tmp_path / "events.jsonl").read_text()
@@ -145,8 +156,9 @@ def test_unreachable_camera_is_retried_while_others_run(env, tmp_path):
 def test_rtsp_server_killed_and_restarted(env, tmp_path):
     with RtspServer(env / "plain.mp4", loop=True, width=W, height=H, fps=24) as srv:
         cfg = base_cfg()
-        src = SourceConfig(name="rtsp", url=srv.url, open_timeout_s=3, read_timeout_s=2,
-                           reconnect_base_s=0.3, reconnect_max_s=1.0)
+        src = SourceConfig(
+            name="rtsp", url=srv.url, open_timeout_s=3, read_timeout_s=2, reconnect_base_s=0.3, reconnect_max_s=1.0
+        )
         cfg.sources = [src]
         det = Detector.load(cfg, env / "bank")
         sinks = build_sinks(cfg.sinks, cfg.alerts, tmp_path)
@@ -182,7 +194,7 @@ def test_rtsp_server_killed_and_restarted(env, tmp_path):
         # On a loaded machine the very first open can outlast open_timeout_s (the server's first client
         # starts its encoder): an "offline" before the first "online" is then correct, not the outage.
         assert "online" in states, states
-        status = status[states.index("online"):]
+        status = status[states.index("online") :]
         states = [r["state"] for r in status]
         assert states[:3] == ["online", "offline", "online"], states
         # the offline message is stamped when the source noticed: within read_timeout_s (+ slack)
@@ -196,11 +208,17 @@ def test_invalid_config_one_line_per_field(tmp_path):
     import sys
 
     p = tmp_path / "bad.yaml"
-    p.write_text("detector:\n  k_gallery: -1\n  sigma: abc\nsources:\n  - name: 'bad name'\n    url: x\n"
-                 "pipeline:\n  max_batch: 0\nunknown_section: 1\n")
+    p.write_text(
+        "detector:\n  k_gallery: -1\n  sigma: abc\nsources:\n  - name: 'bad name'\n    url: x\n"
+        "pipeline:\n  max_batch: 0\nunknown_section: 1\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "run_stream.py"), "run", "--config", str(p), "--bank", "b"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(root / "run_stream.py"), "run", "--config", str(p), "--bank", "b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     for field in ("detector.k_gallery", "detector.sigma", "sources.0.name", "pipeline.max_batch", "unknown_section"):

@@ -1,4 +1,5 @@
 """Position awareness: SPADE correspondences restricted to a spatial window around the same cell."""
+
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,16 @@ def bank_with_pattern():
 
 
 def scorer(window):
-    return SpadeScorer(bank_with_pattern(), k_image=1, k_gallery=1, kappa=1, sigma=0.0, input_size=G,
-                       device=torch.device("cpu"), spatial_window=window)
+    return SpadeScorer(
+        bank_with_pattern(),
+        k_image=1,
+        k_gallery=1,
+        kappa=1,
+        sigma=0.0,
+        input_size=G,
+        device=torch.device("cpu"),
+        spatial_window=window,
+    )
 
 
 def query(cell):

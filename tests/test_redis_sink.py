@@ -1,5 +1,6 @@
 """RedisSink against a real redis-server started by the test: pub/sub order, stream replay, frames,
 status, auth, and an abrupt outage (SIGKILL + restart) with spooled alerts."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ from sinks.redis_sink import AlertSpool, RedisSink
 from stream.frame import Frame
 from tests.servers import RedisServer, SilentTcpServer, free_port, redis_available
 
-pytestmark = [pytest.mark.skipif(not redis_available(), reason="redis-server not installed"),
-              pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.skipif(not redis_available(), reason="redis-server not installed"), pytest.mark.timeout(60)]
 
 BOX = Region(5, 6, 25, 30, 2.5, 1.2, 321)
 ALERTS = AlertsConfig(min_duration_s=0.2, exit_duration_s=0.2, update_interval_s=0.2)
@@ -29,8 +29,16 @@ IMG = np.zeros((32, 48, 3), np.uint8)
 
 def make(i, score, camera="cam1", fps=10.0, t0=100.0):
     ts = t0 + i / fps
-    res = FrameResult(camera, i, ts, float(score), 1.0, np.random.rand(256, 256).astype(np.float32),
-                      [BOX] if score >= 1.0 else [], (48, 32))
+    res = FrameResult(
+        camera,
+        i,
+        ts,
+        float(score),
+        1.0,
+        np.random.rand(256, 256).astype(np.float32),
+        [BOX] if score >= 1.0 else [],
+        (48, 32),
+    )
     return res, Frame(camera, i, ts, IMG)
 
 
@@ -53,8 +61,12 @@ def client(server):
 
 
 def sink_for(url, tmp_path, **kw):
-    return RedisSink(RedisConfig(url=url, spool_dir=str(tmp_path / "spool"), **kw.pop("cfg", {})),
-                     backoff_min_s=0.05, backoff_max_s=0.3, **kw)
+    return RedisSink(
+        RedisConfig(url=url, spool_dir=str(tmp_path / "spool"), **kw.pop("cfg", {})),
+        backoff_min_s=0.05,
+        backoff_max_s=0.3,
+        **kw,
+    )
 
 
 class Subscriber(threading.Thread):
@@ -105,8 +117,22 @@ def test_alerts_published_in_order_replayable_and_frames_streamed(server, client
         assert got == expected, channel
 
     new = next(d for _, d in sub.messages)
-    assert set(new) == {"v", "type", "alert_id", "camera", "start_ts", "end_ts", "start_media_ts", "end_media_ts",
-                        "peak_score", "regions", "peak_regions", "snapshot", "reason", "frame_index"}
+    assert set(new) == {
+        "v",
+        "type",
+        "alert_id",
+        "camera",
+        "start_ts",
+        "end_ts",
+        "start_media_ts",
+        "end_media_ts",
+        "peak_score",
+        "regions",
+        "peak_regions",
+        "snapshot",
+        "reason",
+        "frame_index",
+    }
     assert new["v"] == 1 and new["camera"] == "cam1" and new["end_ts"] is None
     assert new["start_ts"] == pytest.approx(100.4) and new["regions"] == [[5, 6, 25, 30, 2.5, 321]]
     end = sub.messages[-1][1]
@@ -121,8 +147,16 @@ def test_alerts_published_in_order_replayable_and_frames_streamed(server, client
     entries = late.xrange("spade:cam1:frames")
     assert len(entries) == len(SCORES)
     f = entries[9][1]
-    assert f == {"v": "1", "camera": "cam1", "frame_index": "9", "ts": repr(100.9), "score": "4.0",
-                 "threshold": "1.0", "is_anomalous": "1", "regions": "[[5,6,25,30,2.5,321]]"}
+    assert f == {
+        "v": "1",
+        "camera": "cam1",
+        "frame_index": "9",
+        "ts": repr(100.9),
+        "score": "4.0",
+        "threshold": "1.0",
+        "is_anomalous": "1",
+        "regions": "[[5,6,25,30,2.5,321]]",
+    }
     assert entries[0][1]["is_anomalous"] == "0" and entries[0][1]["regions"] == "[]"
 
     status = json.loads(late.get("spade:cam1:status"))
@@ -257,14 +291,17 @@ def test_default_spool_dir_is_named_as_before():
     alerts spooled before an upgrade are found; the shown form hides more (stream.avio.redact)."""
     import hashlib
 
-    for url, key in [("rediss://spade:acl-pw@h:6380/0", "rediss://spade:***@h:6380/0"),
-                     ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
-                     ("redis://h:6379/0", "redis://h:6379/0")]:
+    for url, key in [
+        ("rediss://spade:acl-pw@h:6380/0", "rediss://spade:***@h:6380/0"),
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ]:
         cfg = RedisConfig(url=url)
         tag = hashlib.sha1(key.encode()).hexdigest()[:8]
         assert RedisSink._default_spool_dir(cfg).name == f"spade-spool-{cfg.prefix}-{tag}"
-    assert RedisSink._default_spool_dir(RedisConfig(url="redis://u:a@h/0")) == \
-        RedisSink._default_spool_dir(RedisConfig(url="redis://u:b@h/0"))  # a rotated password keeps its spool
+    assert RedisSink._default_spool_dir(RedisConfig(url="redis://u:a@h/0")) == RedisSink._default_spool_dir(
+        RedisConfig(url="redis://u:b@h/0")
+    )  # a rotated password keeps its spool
 
 
 def test_rediss_tls_url(tmp_path):
@@ -275,12 +312,41 @@ def test_rediss_tls_url(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     tls_port = free_port()
-    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    tls = [
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+        "--tls-auth-clients",
+        "no",
+    ]
     try:
         srv = RedisServer(extra_args=tls).start()
     except Exception as err:  # a redis-server built without TLS
@@ -300,8 +366,9 @@ def test_rediss_tls_url(tmp_path):
 def test_black_holed_redis_never_blocks_the_caller(tmp_path):
     """A server that accepts TCP and never answers: only the worker waits, on short timeouts."""
     with SilentTcpServer() as hole:
-        sink = sink_for(f"redis://127.0.0.1:{hole.port}/0", tmp_path, close_timeout_s=0.5,
-                        cfg={"socket_timeout_s": 0.3})
+        sink = sink_for(
+            f"redis://127.0.0.1:{hole.port}/0", tmp_path, close_timeout_s=0.5, cfg={"socket_timeout_s": 0.3}
+        )
         ss = SinkSet([sink], AlertTracker(ALERTS))
         slowest = 0.0
         for i, s in enumerate(SCORES):
@@ -317,8 +384,9 @@ def test_black_holed_redis_never_blocks_the_caller(tmp_path):
 
 
 def test_full_spool_refuses_new_alerts_loudly(tmp_path, caplog):
-    sink = sink_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path, close_timeout_s=0.2,
-                    cfg={"spool_max_mb": 0.001})  # ~1 KB: room for a few alert messages
+    sink = sink_for(
+        f"redis://127.0.0.1:{free_port()}/0", tmp_path, close_timeout_s=0.2, cfg={"spool_max_mb": 0.001}
+    )  # ~1 KB: room for a few alert messages
     tr = AlertTracker(AlertsConfig(min_duration_s=0, exit_duration_s=0))
     events = []
     for k in range(10):
@@ -328,7 +396,7 @@ def test_full_spool_refuses_new_alerts_loudly(tmp_path, caplog):
     sink.close()
     kept = (tmp_path / "spool" / "alerts.jsonl").read_text().splitlines()
     assert 0 < len(kept) < len(events) and sink.spool_overflows == len(events) - len(kept)
-    assert [json.loads(l)["alert_id"] for l in kept] == [e.alert_id for e in events[:len(kept)]]  # oldest kept
+    assert [json.loads(l)["alert_id"] for l in kept] == [e.alert_id for e in events[: len(kept)]]  # oldest kept
     assert "ALERT LOST" in caplog.text
 
 

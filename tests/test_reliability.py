@@ -1,5 +1,6 @@
 """Unattended operation: Redis outages through the whole pipeline, cameras that fail in different ways,
 and bad input through the command line. Real components throughout (PyAV, the detector, redis-server)."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,14 @@ import numpy as np
 import pytest
 
 import run_stream
+from app.pipeline import Pipeline
 from configs.schema import SourceConfig
 from sinks import build_sinks
-from app.pipeline import Pipeline
 from tests.helpers import DetectorThreadOnly, base_cfg, records, wait_for
 from tests.servers import RedisServer, SilentTcpServer, redis_available
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
-
-
 
 
 class GatedDetector(DetectorThreadOnly):
@@ -49,6 +48,7 @@ class GatedDetector(DetectorThreadOnly):
 # ------------------------------------------------------------------------------------------------
 # Redis outage through the pipeline
 # ------------------------------------------------------------------------------------------------
+
 
 def _redis_run(env, detector, out: Path, outage: bool):
     """two.mp4 (two anomalies) through the pipeline into a persistent redis-server (AOF, fsync always,
@@ -79,8 +79,11 @@ def _redis_run(env, detector, out: Path, outage: bool):
                 assert cam.processed >= at_kill + 40 and cam.alerts_opened >= 2
                 assert redis_sink.spool.pending_bytes > 0 and not redis_sink.connected
                 srv.restart()
-                wait_for(lambda: redis_sink.connected and redis_sink.spool.pending_bytes == 0, timeout=60,
-                         what="the spool to drain after the restart")
+                wait_for(
+                    lambda: redis_sink.connected and redis_sink.spool.pending_bytes == 0,
+                    timeout=60,
+                    what="the spool to drain after the restart",
+                )
                 det.release.set()
             t.join(timeout=200)
             assert not t.is_alive()
@@ -125,14 +128,21 @@ def test_redis_outage_loses_no_alert_and_never_stalls(env, detector, tmp_path):
 # cameras failing
 # ------------------------------------------------------------------------------------------------
 
+
 def test_silent_camera_does_not_hang_the_pipeline(env, detector, tmp_path):
     """A server that accepts the TCP connection and never answers: the other camera keeps processing,
     the silent one is retried, and shutdown completes promptly."""
     with SilentTcpServer() as silent:
         cfg = base_cfg()
         cfg.sources = [
-            SourceConfig(name="silent", url=silent.url, open_timeout_s=2, read_timeout_s=2,
-                         reconnect_base_s=0.2, reconnect_max_s=0.5),
+            SourceConfig(
+                name="silent",
+                url=silent.url,
+                open_timeout_s=2,
+                read_timeout_s=2,
+                reconnect_base_s=0.2,
+                reconnect_max_s=0.5,
+            ),
             SourceConfig(name="ok", url=str(env / "plain.mp4"), fps=24, loop=True),
         ]
         pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path))
@@ -140,8 +150,11 @@ def test_silent_camera_does_not_hang_the_pipeline(env, detector, tmp_path):
         t = threading.Thread(target=lambda: box.setdefault("s", pipe.run(duration_s=240, progress=False)))
         t.start()
         try:
-            wait_for(lambda: pipe.stats.camera("ok").processed >= 40 and pipe.sources[0].reconnects >= 2,
-                     timeout=150, what="40 frames of the good camera and 2 retries of the silent one")
+            wait_for(
+                lambda: pipe.stats.camera("ok").processed >= 40 and pipe.sources[0].reconnects >= 2,
+                timeout=150,
+                what="40 frames of the good camera and 2 retries of the silent one",
+            )
             # stop while the silent camera is (most likely) blocked inside a connection attempt
             wait_for(lambda: pipe.sources[0].state.value == "connecting" or silent.accepted >= 3, timeout=30)
         finally:
@@ -167,8 +180,14 @@ def test_duration_ends_the_run_while_no_camera_delivers(env, detector, tmp_path)
 
     cfg = base_cfg()
     cfg.sources = [
-        SourceConfig(name="dead", url=f"rtsp://127.0.0.1:{free_port()}/x", open_timeout_s=1, read_timeout_s=1,
-                     reconnect_base_s=0.2, reconnect_max_s=0.5),
+        SourceConfig(
+            name="dead",
+            url=f"rtsp://127.0.0.1:{free_port()}/x",
+            open_timeout_s=1,
+            read_timeout_s=1,
+            reconnect_base_s=0.2,
+            reconnect_max_s=0.5,
+        ),
         SourceConfig(name="file", url=str(env / "plain.mp4")),
     ]
     pipe = Pipeline(cfg, detector, build_sinks(cfg.sinks, cfg.alerts, tmp_path))
@@ -257,8 +276,12 @@ def tiny(tmp_path_factory):
     (d / "c.yaml").write_text(TINY)
     (d / "normal").mkdir()
     make_video(d / "normal" / "n.mp4", n=10)
-    assert run_stream.main(["fit", "--config", str(d / "c.yaml"), "--data", str(d / "normal"),
-                            "--bank", str(d / "bank"), "--quiet"]) == 0
+    assert (
+        run_stream.main(
+            ["fit", "--config", str(d / "c.yaml"), "--data", str(d / "normal"), "--bank", str(d / "bank"), "--quiet"]
+        )
+        == 0
+    )
     return d
 
 
@@ -274,17 +297,31 @@ def error_lines(err):
     return [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-@pytest.mark.parametrize("make,expect", [
-    (_truncated, "not a decodable video"),
-    (_random, "not a decodable video"),
-    (_empty, "empty"),
-    (_missing, "no such file"),
-    (_folder_without_images, "no images"),
-])
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (_truncated, "not a decodable video"),
+        (_random, "not a decodable video"),
+        (_empty, "empty"),
+        (_missing, "no such file"),
+        (_folder_without_images, "no images"),
+    ],
+)
 def test_run_bad_file_exits_2_naming_it(tiny, tmp_path, capsys, make, expect):
     path = make(tmp_path)
-    rc, out, err = cli(capsys, "run", "--config", tiny / "c.yaml", "--bank", tiny / "bank",
-                       "--source", f"cam={path}", "--out", tmp_path / "out", "--no-progress")
+    rc, out, err = cli(
+        capsys,
+        "run",
+        "--config",
+        tiny / "c.yaml",
+        "--bank",
+        tiny / "bank",
+        "--source",
+        f"cam={path}",
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+    )
     assert rc == 2, err
     lines = error_lines(err)
     assert len(lines) == 1 and path.name in lines[0] and expect in lines[0], err
@@ -322,8 +359,21 @@ def test_run_odd_but_valid_input_is_processed(tiny, tmp_path, capsys, name):
     except (av.error.FFmpegError, ValueError) as e:
         pytest.skip(f"this FFmpeg cannot write {name}: {e}")
     out = tmp_path / "out"
-    rc, stdout, err = cli(capsys, "run", "--config", tiny / "c.yaml", "--bank", tiny / "bank",
-                          "--source", f"cam={path}", "--out", out, "--video-out", out / "video", "--no-progress")
+    rc, stdout, err = cli(
+        capsys,
+        "run",
+        "--config",
+        tiny / "c.yaml",
+        "--bank",
+        tiny / "bank",
+        "--source",
+        f"cam={path}",
+        "--out",
+        out,
+        "--video-out",
+        out / "video",
+        "--no-progress",
+    )
     assert rc == 0, err
     assert not error_lines(err) and "Traceback" not in err
     summary = json.loads(stdout)
@@ -338,14 +388,17 @@ def test_run_odd_but_valid_input_is_processed(tiny, tmp_path, capsys, name):
         assert sum(1 for _ in c.decode(video=0)) == n
 
 
-@pytest.mark.parametrize("yaml_text,args,fields", [
-    ("sources:\n  - {name: cam, url: x.mp4, colour: red}\n", [], ["sources.0.colour"]),
-    ("pipeline: {max_batch: many, metrics_port: -1}\n", [], ["pipeline.max_batch", "pipeline.metrics_port"]),
-    ("sinks:\n  redis: {url: 5, spool_max_mb: 0}\n", [], ["sinks.redis.url", "sinks.redis.spool_max_mb"]),
-    ("detector: [1, 2]\n", [], ["detector"]),
-    ("", ["--metrics-port", "70000"], ["metrics_port"]),
-    ("", ["--source", "bad name=x.mp4"], ["--source bad name"]),
-])
+@pytest.mark.parametrize(
+    "yaml_text,args,fields",
+    [
+        ("sources:\n  - {name: cam, url: x.mp4, colour: red}\n", [], ["sources.0.colour"]),
+        ("pipeline: {max_batch: many, metrics_port: -1}\n", [], ["pipeline.max_batch", "pipeline.metrics_port"]),
+        ("sinks:\n  redis: {url: 5, spool_max_mb: 0}\n", [], ["sinks.redis.url", "sinks.redis.spool_max_mb"]),
+        ("detector: [1, 2]\n", [], ["detector"]),
+        ("", ["--metrics-port", "70000"], ["metrics_port"]),
+        ("", ["--source", "bad name=x.mp4"], ["--source bad name"]),
+    ],
+)
 def test_run_bad_config_names_each_field(tiny, tmp_path, capsys, yaml_text, args, fields):
     p = tmp_path / "bad.yaml"
     p.write_text(TINY + yaml_text if not yaml_text.startswith("detector") else yaml_text)
@@ -360,13 +413,33 @@ def test_run_bad_config_names_each_field(tiny, tmp_path, capsys, yaml_text, args
 def test_run_bad_bank(tiny, tmp_path, capsys):
     (tmp_path / "empty_bank").mkdir()
     good = make_video(tmp_path / "ok.mp4")
-    rc, _, err = cli(capsys, "run", "--config", tiny / "c.yaml", "--bank", tmp_path / "empty_bank",
-                     "--source", f"cam={good}", "--out", tmp_path / "o")
+    rc, _, err = cli(
+        capsys,
+        "run",
+        "--config",
+        tiny / "c.yaml",
+        "--bank",
+        tmp_path / "empty_bank",
+        "--source",
+        f"cam={good}",
+        "--out",
+        tmp_path / "o",
+    )
     assert rc == 2 and "empty_bank" in error_lines(err)[0], err
     mismatched = tmp_path / "grid4.yaml"
     mismatched.write_text(TINY.replace("grid: 8", "grid: 4"))
-    rc, _, err = cli(capsys, "run", "--config", mismatched, "--bank", tiny / "bank",
-                     "--source", f"cam={good}", "--out", tmp_path / "o")
+    rc, _, err = cli(
+        capsys,
+        "run",
+        "--config",
+        mismatched,
+        "--bank",
+        tiny / "bank",
+        "--source",
+        f"cam={good}",
+        "--out",
+        tmp_path / "o",
+    )
     lines = error_lines(err)
     assert rc == 2 and str(tiny / "bank") in lines[0] and "grid" in lines[0], err
     # a bank cut short on disk
@@ -376,8 +449,9 @@ def test_run_bad_bank(tiny, tmp_path, capsys):
     shutil.copytree(tiny / "bank", cut)
     victim = max((p for p in cut.iterdir() if p.suffix in (".npy", ".bin", ".f16")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:100])
-    rc, _, err = cli(capsys, "run", "--config", tiny / "c.yaml", "--bank", cut,
-                     "--source", f"cam={good}", "--out", tmp_path / "o")
+    rc, _, err = cli(
+        capsys, "run", "--config", tiny / "c.yaml", "--bank", cut, "--source", f"cam={good}", "--out", tmp_path / "o"
+    )
     assert rc == 2 and "cut_bank" in error_lines(err)[0] and "Traceback" not in err, err
 
 
@@ -398,10 +472,30 @@ def test_cli_bad_source_among_good_ones_is_refused_before_anything_starts(tiny, 
     good = make_video(tmp_path / "good.mp4", n=20)
     bad = _random(tmp_path)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "run", "--config", str(tiny / "c.yaml"),
-                        "--bank", str(tiny / "bank"), "--source", f"good={good}", "--source", f"bad={bad}",
-                        "--out", str(out), "--video-out", str(out / "video"), "--no-progress"],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_stream.py"),
+            "run",
+            "--config",
+            str(tiny / "c.yaml"),
+            "--bank",
+            str(tiny / "bank"),
+            "--source",
+            f"good={good}",
+            "--source",
+            f"bad={bad}",
+            "--out",
+            str(out),
+            "--video-out",
+            str(out / "video"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r.stderr
     lines = error_lines(r.stderr)
     assert len(lines) == 1 and "sources.bad" in lines[0] and "random.mp4" in lines[0], r.stderr
@@ -421,8 +515,9 @@ def test_a_source_failing_mid_run_leaves_everything_of_the_good_one(tiny, tmp_pa
     out = tmp_path / "out"
     cfg = configs.load(str(tiny / "c.yaml"))
     cfg.sinks.video.dir = str(out / "video")
-    _, summary = run_pipeline(cfg, tiny / "bank", out, [SourceConfig(name="good", url=str(good)),
-                                                        SourceConfig(name="bad", url=str(bad))])
+    _, summary = run_pipeline(
+        cfg, tiny / "bank", out, [SourceConfig(name="good", url=str(good)), SourceConfig(name="bad", url=str(bad))]
+    )
     frames = [f for f in records(out / "events.jsonl", "frame") if f["camera"] == "good"]
     assert [f["frame_index"] for f in frames] == list(range(20))
     with av.open(str(out / "video" / "good.mp4")) as c:

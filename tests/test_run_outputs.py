@@ -1,5 +1,6 @@
 """What a run prints and writes: strict JSON, exit codes, the progress line, one time base and ordered
 messages (issue 16: items 6, 7, 9 and 10)."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from configs.schema import SourceConfig
 from app.pipeline import ProgressDisplay
 from app.stats import PipelineStats
-from tests.helpers import ANOMALY, base_cfg, records, run
+from configs.schema import SourceConfig
+from tests.helpers import ANOMALY, base_cfg, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +39,21 @@ pipeline: {max_batch: 4, max_wait_ms: 10, progress: false}
 
 def strict_loads(text: str):
     """json.loads that refuses NaN / Infinity, as jq and JSON.parse do."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "run_stream.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_stream.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -56,8 +64,20 @@ def cfg_file(tmp_path):
 
 
 def test_run_without_any_frame_prints_strict_json_and_exits_3(env, tmp_path, cfg_file):
-    r = cli("run", "--config", cfg_file, "--bank", env / "bank", "--source", "cam=rtsp://127.0.0.1:1/none",
-            "--duration", "3", "--no-progress", "--out", tmp_path / "out")
+    r = cli(
+        "run",
+        "--config",
+        cfg_file,
+        "--bank",
+        env / "bank",
+        "--source",
+        "cam=rtsp://127.0.0.1:1/none",
+        "--duration",
+        "3",
+        "--no-progress",
+        "--out",
+        tmp_path / "out",
+    )
     assert r.returncode == 3, r.stderr
     summary = strict_loads(r.stdout)
     cam = summary["cameras"]["cam"]
@@ -71,8 +91,18 @@ def test_bad_source_file_is_refused_before_the_model_loads(tmp_path, cfg_file, k
     if kind == "undecodable":
         path.write_bytes(np.random.default_rng(0).bytes(5000))
     # the bank does not exist either: naming the source proves it was checked first
-    r = cli("run", "--config", cfg_file, "--bank", tmp_path / "no_bank", "--source", f"cam={path}",
-            "--no-progress", "--out", tmp_path / "out")
+    r = cli(
+        "run",
+        "--config",
+        cfg_file,
+        "--bank",
+        tmp_path / "no_bank",
+        "--source",
+        f"cam={path}",
+        "--no-progress",
+        "--out",
+        tmp_path / "out",
+    )
     assert r.returncode == 2, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors and "sources.cam" in errors[0] and str(path) in errors[0], r.stderr
@@ -88,8 +118,9 @@ def test_progress_log_line_names_every_column_and_no_nan(caplog):
     with caplog.at_level(logging.INFO, logger="app.pipeline"):
         display._render()
     line = caplog.records[-1].getMessage()
-    assert line == ("camera=gate state=reconnecting fps=0.0 lat_p50=- lat_p99=- frames=0 dropped=0 "
-                    "reconnects=5 alerts=0")
+    assert line == (
+        "camera=gate state=reconnecting fps=0.0 lat_p50=- lat_p99=- frames=0 dropped=0 reconnects=5 alerts=0"
+    )
     assert "nan" not in " ".join(display.rows()).lower()
     stats.camera("gate").record(0.040, time.monotonic())
     assert "lat_p50=40ms" in " ".join(f"{k}={v}" for k, v in display.values()[0].items())
@@ -98,8 +129,15 @@ def test_progress_log_line_names_every_column_and_no_nan(caplog):
 def test_file_messages_have_epoch_times_media_times_and_order(env, tmp_path):
     cfg = base_cfg()
     t0 = time.time()
-    run(cfg, env / "bank", tmp_path, [SourceConfig(name="cam", url=str(env / "clip.mp4")),
-                                      SourceConfig(name="long", url=str(env / "long_anomaly.mp4"))])
+    run(
+        cfg,
+        env / "bank",
+        tmp_path,
+        [
+            SourceConfig(name="cam", url=str(env / "clip.mp4")),
+            SourceConfig(name="long", url=str(env / "long_anomaly.mp4")),
+        ],
+    )
     t1 = time.time()
     path = tmp_path / "events.jsonl"
     lines = [strict_loads(x) for x in path.read_text().splitlines()]

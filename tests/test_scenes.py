@@ -1,4 +1,5 @@
 """One bank per STC scene: which footage splits, the bank layout, eval against each video's scene."""
+
 import json
 import shutil
 
@@ -6,12 +7,12 @@ import numpy as np
 import pytest
 
 import configs
+import run_stream
 from configs.errors import UserError
 from detector.bank import open_bank
 from detector.fit import fit_bank
 from detector.scenes import INDEX, read_index, scene_of, split_by_scene, write_index
 from evaluation.run import evaluate
-import run_stream
 from stream.synthetic import generate_stc
 
 
@@ -40,19 +41,34 @@ def test_per_scene_option_is_validated():
 
 
 def small_cfg(**bank):
-    return configs.parse({
-        "detector": {"backbone": {"name": "resnet18", "weights": "random"}, "input_size": 64, "grid": 8,
-                     "batch_size": 8, "coreset": {"max_size": 128}},
-        "bank": {"holdout": 0.2, "max_frames": None, **bank},
-    })
+    return configs.parse(
+        {
+            "detector": {
+                "backbone": {"name": "resnet18", "weights": "random"},
+                "input_size": 64,
+                "grid": 8,
+                "batch_size": 8,
+                "coreset": {"max_size": 128},
+            },
+            "bank": {"holdout": 0.2, "max_frames": None, **bank},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def two_scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_scenes")
     for camera in (0, 1):
-        generate_stc(root, seed=camera, camera=camera, size=(96, 64), train_videos=2, train_frames=20,
-                     test_videos=1, test_frames=30)
+        generate_stc(
+            root,
+            seed=camera,
+            camera=camera,
+            size=(96, 64),
+            train_videos=2,
+            train_frames=20,
+            test_videos=1,
+            test_frames=30,
+        )
     return root
 
 
@@ -78,8 +94,7 @@ def test_fit_splits_by_scene_and_eval_uses_each_scenes_bank(tmp_path, two_scenes
     # Each video was scored against its own scene's bank: its scores exceed the threshold of that scene
     # exactly where the reported recall / false-positive rates say.
     labels = np.concatenate([v["labels"] for v in m["per_video"].values()])
-    alarm = np.concatenate([np.asarray(v["scores"]) >= m["threshold"][name[:2]]
-                            for name, v in m["per_video"].items()])
+    alarm = np.concatenate([np.asarray(v["scores"]) >= m["threshold"][name[:2]] for name, v in m["per_video"].items()])
     assert m["at_threshold"]["recall"] == pytest.approx(alarm[labels == 1].mean())
 
     write_index(bank, ["01"])  # a bank that lacks a scene of the test set is refused by name

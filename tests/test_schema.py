@@ -1,5 +1,6 @@
 """Message schema v1 (sinks/schema.py): every message parses with a strict JSON parser, has exactly the
 documented keys in the documented order, and is byte-for-byte what v1 has always sent."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,17 @@ from sinks.base import AlertEvent
 from sinks.schema import ALERT_KEYS, FRAME_KEYS, STATUS_KEYS, alert_message, frame_fields, frame_message, status_message
 
 NAN, INF = float("nan"), float("inf")
-BOXES = [Region(1, 2, 30, 40, 0.123456789, 0.1, 77), Region(5, 6, 7, 8, NAN, 0.0, 3),
-         Region(0, 0, 1, 1, np.float32(2.5), 1.0, 1)]
+BOXES = [
+    Region(1, 2, 30, 40, 0.123456789, 0.1, 77),
+    Region(5, 6, 7, 8, NAN, 0.0, 3),
+    Region(0, 0, 1, 1, np.float32(2.5), 1.0, 1),
+]
 MAP = np.zeros((4, 4), np.float32)
 
 
 def strict(msg: dict) -> dict:
     """Serialise as the sinks do and parse back, refusing NaN / Infinity anywhere."""
+
     def refuse(name):
         raise ValueError(f"non-strict JSON constant {name}")
 
@@ -37,8 +42,21 @@ FRAMES = [
 EVENTS = [
     AlertEvent("new", "cam-1500-abcdef", "cam", 1.5, None, 3.0, BOXES[:2], None, None, 7, BOXES[2:]),
     AlertEvent("update", "cam-1500-abcdef", "cam", 1.5, None, 3.5, BOXES, "s.jpg", None, 8, BOXES, 4.0),
-    AlertEvent("end", "cam-1500-abcdef", "cam", NAN, 2.5, np.float32(3.25), [], "s.jpg", "recovered",
-               np.int64(9), BOXES, 10.0, INF),
+    AlertEvent(
+        "end",
+        "cam-1500-abcdef",
+        "cam",
+        NAN,
+        2.5,
+        np.float32(3.25),
+        [],
+        "s.jpg",
+        "recovered",
+        np.int64(9),
+        BOXES,
+        10.0,
+        INF,
+    ),
 ]
 
 
@@ -77,17 +95,28 @@ def test_every_key_is_documented():
 def test_bytes_are_those_v1_always_sent():
     """Pinned: the wire format of v1 does not change (these are the bytes before sinks/schema.py existed)."""
     line = json.dumps(frame_message(FRAMES[1]), separators=(",", ":"))
-    assert line == ('{"v":1,"camera":"cam","frame_index":4,"ts":1700000001.0,"media_ts":12.5,"score":null,'
-                    '"threshold":0.4,"is_anomalous":false,"regions":[[1,2,30,40,0.1235,77],[5,6,7,8,null,3],'
-                    '[0,0,1,1,2.5,1]]}')
+    assert line == (
+        '{"v":1,"camera":"cam","frame_index":4,"ts":1700000001.0,"media_ts":12.5,"score":null,'
+        '"threshold":0.4,"is_anomalous":false,"regions":[[1,2,30,40,0.1235,77],[5,6,7,8,null,3],'
+        "[0,0,1,1,2.5,1]]}"
+    )
     assert frame_fields(frame_message(FRAMES[1])) == {
-        "v": "1", "camera": "cam", "frame_index": "4", "ts": "1700000001.0", "score": "nan", "threshold": "0.4",
-        "is_anomalous": "0", "regions": "[[1,2,30,40,0.1235,77],[5,6,7,8,null,3],[0,0,1,1,2.5,1]]",
-        "media_ts": "12.5"}
+        "v": "1",
+        "camera": "cam",
+        "frame_index": "4",
+        "ts": "1700000001.0",
+        "score": "nan",
+        "threshold": "0.4",
+        "is_anomalous": "0",
+        "regions": "[[1,2,30,40,0.1235,77],[5,6,7,8,null,3],[0,0,1,1,2.5,1]]",
+        "media_ts": "12.5",
+    }
     assert json.dumps(alert_message(EVENTS[2]), separators=(",", ":")) == (
         '{"v":1,"type":"end","alert_id":"cam-1500-abcdef","camera":"cam","start_ts":null,"end_ts":2.5,'
         '"start_media_ts":10.0,"end_media_ts":null,"peak_score":3.25,"regions":[],"peak_regions":'
         '[[1,2,30,40,0.1235,77],[5,6,7,8,null,3],[0,0,1,1,2.5,1]],"snapshot":"s.jpg","reason":"recovered",'
-        '"frame_index":9}')
+        '"frame_index":9}'
+    )
     assert json.dumps(status_message("cam", "offline", NAN), separators=(",", ":")) == (
-        '{"v":1,"camera":"cam","state":"offline","ts":null,"detail":""}')
+        '{"v":1,"camera":"cam","state":"offline","ts":null,"detail":""}'
+    )

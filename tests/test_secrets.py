@@ -1,6 +1,7 @@
 """Camera and Redis credentials come from the environment or a secrets file and never leak: not into
 logs (DEBUG included), JSONL, Redis streams, channels or keys, status messages, /metrics, /healthz,
 snapshots' paths, or the stderr of a CLI run."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ import pytest
 
 import configs
 import run_stream
+from app.pipeline import Pipeline
+from app.prometheus import MetricsServer
 from configs.errors import UserError
 from configs.schema import SourceConfig
 from detector.detector import Detector
 from sinks import build_sinks
-from app.prometheus import MetricsServer
-from app.pipeline import Pipeline
 from tests.helpers import base_cfg, shared_env, wait_for
 from tests.servers import RedisServer, RtspServer, free_port, redis_available, rtsp_available
 
@@ -46,8 +47,10 @@ def leaks(text: str) -> list[str]:
 
 
 def write_secrets(path: Path, mode=0o600) -> Path:
-    path.write_text(f"# spade-stream secrets\nexport CAM_USER={CAM_USER}\nCAM_PW='{CAM_PW}'\n"
-                    f"REDIS_ACL_USER={ACL_USER}\nREDIS_ACL_PW=\"{ACL_PW}\"\n\n")
+    path.write_text(
+        f"# spade-stream secrets\nexport CAM_USER={CAM_USER}\nCAM_PW='{CAM_PW}'\n"
+        f'REDIS_ACL_USER={ACL_USER}\nREDIS_ACL_PW="{ACL_PW}"\n\n'
+    )
     os.chmod(path, mode)
     return path
 
@@ -88,19 +91,35 @@ def test_missing_secret_and_credentials_in_url_are_config_errors(tmp_path, clean
 
         Source(SourceConfig(name="cam", url="rtsp://h/x", password_env="CAM_PW"))
     with pytest.raises(UserError) as e:
-        configs.parse({"sources": [{"name": "cam", "url": f"rtsp://u:{quote(CAM_PW, safe='')}@h/x",
-                                    "password_env": "CAM_PW"}]})
+        configs.parse(
+            {"sources": [{"name": "cam", "url": f"rtsp://u:{quote(CAM_PW, safe='')}@h/x", "password_env": "CAM_PW"}]}
+        )
     assert "already carries credentials" in str(e.value) and not leaks(str(e.value))
     with pytest.raises(UserError) as e:  # a rejected URL is echoed redacted
-        configs.parse({"sinks": {"redis": {"url": f"redis://u:{REDIS_PW}@h:1/0", "prefix": 7}},
-                       "sources": [{"name": "bad name", "url": f"rtsp://u:{quote(CAM_PW, safe='')}@h/x"}]})
+        configs.parse(
+            {
+                "sinks": {"redis": {"url": f"redis://u:{REDIS_PW}@h:1/0", "prefix": 7}},
+                "sources": [{"name": "bad name", "url": f"rtsp://u:{quote(CAM_PW, safe='')}@h/x"}],
+            }
+        )
     assert not leaks(str(e.value))
 
 
 def test_world_readable_secrets_file_refused_by_the_cli(tmp_path, clean_env, capsys):
     s = write_secrets(tmp_path / "s.env", 0o644)
-    rc = run_stream.main(["run", "--bank", str(tmp_path / "nobank"), "--secrets-file", str(s),
-                          "--source", f"cam={tmp_path / 'x.mp4'}", "--out", str(tmp_path / "o")])
+    rc = run_stream.main(
+        [
+            "run",
+            "--bank",
+            str(tmp_path / "nobank"),
+            "--secrets-file",
+            str(s),
+            "--source",
+            f"cam={tmp_path / 'x.mp4'}",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "error: pipeline.secrets_file" in err and "chmod 600" in err
     assert not leaks(err)
@@ -111,8 +130,7 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
     env = shared_env(tmp_path_factory)
     caplog.set_level(logging.DEBUG)
     configs.load_secrets(write_secrets(tmp_path / "s.env"))
-    rtsp = RtspServer(env / "plain.mp4", loop=True, width=192, height=128, fps=24).start() \
-        if rtsp_available() else None
+    rtsp = RtspServer(env / "plain.mp4", loop=True, width=192, height=128, fps=24).start() if rtsp_available() else None
     srv = RedisServer(password=REDIS_PW, acl_user=(ACL_USER, ACL_PW)).start()
     try:
         admin = srv.client(decode_responses=True)
@@ -135,14 +153,30 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
         cfg.sinks.redis.username_env, cfg.sinks.redis.password_env = "REDIS_ACL_USER", "REDIS_ACL_PW"
         cfg.sinks.redis.spool_dir = str(tmp_path / "spool")
         cfg.sinks.jsonl.enabled = True
-        dead = SourceConfig(name="dead", url=f"rtsp://127.0.0.1:{free_port()}/x", username_env="CAM_USER",
-                            password_env="CAM_PW", open_timeout_s=1, read_timeout_s=1, reconnect_base_s=0.2,
-                            reconnect_max_s=0.5, health_timeout_s=1.0)
+        dead = SourceConfig(
+            name="dead",
+            url=f"rtsp://127.0.0.1:{free_port()}/x",
+            username_env="CAM_USER",
+            password_env="CAM_PW",
+            open_timeout_s=1,
+            read_timeout_s=1,
+            reconnect_base_s=0.2,
+            reconnect_max_s=0.5,
+            health_timeout_s=1.0,
+        )
         clip = SourceConfig(name="clip", url=str(env / "clip.mp4"))  # an anomaly: alert messages
         cfg.sources = [dead, clip]
         if rtsp is not None:
-            cfg.sources.append(SourceConfig(name="cam", url=rtsp.url, username_env="CAM_USER",
-                                            password_env="CAM_PW", open_timeout_s=5, read_timeout_s=3))
+            cfg.sources.append(
+                SourceConfig(
+                    name="cam",
+                    url=rtsp.url,
+                    username_env="CAM_USER",
+                    password_env="CAM_PW",
+                    open_timeout_s=5,
+                    read_timeout_s=3,
+                )
+            )
         det = Detector.load(cfg, env / "bank")
         pipe = Pipeline(cfg, det, build_sinks(cfg.sinks, cfg.alerts, tmp_path / "out"))
         metrics = MetricsServer(pipe, 0).start()
@@ -151,9 +185,13 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
         t.start()
         scraped = []
         try:
+
             def progressed():
-                ok = (pipe.sources[1].finished and pipe.stats.camera("clip").alerts_opened >= 1
-                      and pipe.sources[0].reconnects >= 2)
+                ok = (
+                    pipe.sources[1].finished
+                    and pipe.stats.camera("clip").alerts_opened >= 1
+                    and pipe.sources[0].reconnects >= 2
+                )
                 return ok and (rtsp is None or pipe.stats.camera("cam").processed >= 10)
 
             def get(path):
@@ -170,8 +208,9 @@ def test_no_secret_in_any_output(tmp_path_factory, tmp_path, clean_env, caplog):
             wait_for(progressed, timeout=180, what="clip done, an alert, retries and RTSP frames")
             # The dead camera turns unhealthy health_timeout_s (1 s) after the start; without the RTSP
             # camera the condition above can hold sooner: wait for it instead of racing it.
-            health = wait_for(dead_unhealthy, timeout=60, interval=0.1,
-                              what="/healthz to report the dead camera unhealthy")
+            health = wait_for(
+                dead_unhealthy, timeout=60, interval=0.1, what="/healthz to report the dead camera unhealthy"
+            )
             scraped += [get("/metrics"), health]
         finally:
             pipe.stop()
@@ -233,24 +272,48 @@ def test_cli_run_stderr_has_no_secret(tmp_path_factory, tmp_path, clean_env):
     cfg = base_cfg()
     tree = cfg.model_dump(mode="json")
     port = free_port()
-    tree["sources"] = [{"name": "dead", "url": f"rtsp://127.0.0.1:{port}/x", "username_env": "CAM_USER",
-                        "password_env": "CAM_PW", "open_timeout_s": 1, "read_timeout_s": 1,
-                        "reconnect_base_s": 0.2, "reconnect_max_s": 0.5},
-                       {"name": "clip", "url": str(env / "plain.mp4")}]
+    tree["sources"] = [
+        {
+            "name": "dead",
+            "url": f"rtsp://127.0.0.1:{port}/x",
+            "username_env": "CAM_USER",
+            "password_env": "CAM_PW",
+            "open_timeout_s": 1,
+            "read_timeout_s": 1,
+            "reconnect_base_s": 0.2,
+            "reconnect_max_s": 0.5,
+        },
+        {"name": "clip", "url": str(env / "plain.mp4")},
+    ]
     tree["sinks"]["redis"]["password_env"] = "CAM_PW"  # a wrong Redis password: refused, logged
     tree["sinks"]["jsonl"]["enabled"] = True  # the test sees the clip's frames while the run goes on
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     srv = RedisServer(password=REDIS_PW).start() if redis_available() else None
     stdout_path, stderr_path, events = tmp_path / "stdout", tmp_path / "stderr", tmp_path / "out" / "events.jsonl"
     try:
-        args = [sys.executable, str(ROOT / "run_stream.py"), "run", "-v", "--config", str(tmp_path / "c.yaml"),
-                "--bank", str(env / "bank"), "--out", str(tmp_path / "out"), "--secrets-file", str(secrets),
-                "--duration", "180", "--no-progress"]
+        args = [
+            sys.executable,
+            str(ROOT / "run_stream.py"),
+            "run",
+            "-v",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--bank",
+            str(env / "bank"),
+            "--out",
+            str(tmp_path / "out"),
+            "--secrets-file",
+            str(secrets),
+            "--duration",
+            "180",
+            "--no-progress",
+        ]
         if srv is not None:
             args += ["--redis", srv.url_with_auth(password=REDIS_PW)]
         with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
             proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, text=True)
         try:
+
             def clip_done_and_dead_retried():
                 if proc.poll() is not None:
                     return True
@@ -266,8 +329,12 @@ def test_cli_run_stderr_has_no_secret(tmp_path_factory, tmp_path, clean_env):
                 return frames >= 30 and retried
 
             # the dead camera keeps the run going: wait for what is asserted below, then SIGTERM
-            wait_for(clip_done_and_dead_retried, timeout=200, interval=0.2,
-                     what="the clip's 30 frames and a retry of the dead camera")
+            wait_for(
+                clip_done_and_dead_retried,
+                timeout=200,
+                interval=0.2,
+                what="the clip's 30 frames and a retry of the dead camera",
+            )
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         finally:

@@ -20,9 +20,7 @@ from tests.servers import (
 
 W, H, FPS, NFRAMES = 320, 240, 15, 30
 
-needs_redis = pytest.mark.skipif(
-    not redis_available(), reason="redis-server missing (bash .ci/install_system_deps.sh)"
-)
+needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server missing (bash .ci/install_system_deps.sh)")
 needs_rtsp = pytest.mark.skipif(
     not rtsp_available(), reason="GStreamer RTSP server missing (bash .ci/install_system_deps.sh)"
 )
@@ -31,6 +29,7 @@ needs_rtsp = pytest.mark.skipif(
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
 
 def make_video(path: Path, n: int = NFRAMES, w: int = W, h: int = H, fps: int = FPS) -> Path:
     """A small H.264 (or MPEG-4 fallback) .mp4 with a moving white bar."""
@@ -77,6 +76,7 @@ def video(tmp_path_factory) -> Path:
 # generic
 # --------------------------------------------------------------------------------------------
 
+
 def test_free_port_is_bindable():
     port = free_port()
     assert 0 < port < 65536
@@ -87,6 +87,7 @@ def test_free_port_is_bindable():
 # --------------------------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------------------------
+
 
 @needs_redis
 def test_redis_ping_kill_restart_same_port():
@@ -144,6 +145,7 @@ def test_redis_acl_user():
 # RTSP
 # --------------------------------------------------------------------------------------------
 
+
 @needs_rtsp
 def test_rtsp_serves_looping_video_kill_restart(video):
     import av
@@ -191,6 +193,7 @@ def test_rtsp_pattern():
 # --------------------------------------------------------------------------------------------
 # silent TCP server
 # --------------------------------------------------------------------------------------------
+
 
 def test_silent_tcp_server_makes_open_time_out():
     import av

@@ -1,6 +1,7 @@
 """SIGTERM to a real `run_stream.py run` process while an alert is open: exit code 0, every sink
 flushed, the annotated video finalised and decodable, the open alert ended with reason "shutdown".
 The same process serves /metrics and /healthz (the CLI's --metrics-port wiring)."""
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,35 @@ def test_sigterm_mid_run_finalises_everything(tmp_path_factory, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     out, port = tmp_path / "out", free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run_stream.py"), "run", "--config", str(tmp_path / "c.yaml"),
-         "--bank", str(env / "bank"), "--out", str(out), "--video-out", str(out / "video"),
-         "--metrics-port", str(port), "--no-progress"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "run_stream.py"),
+            "run",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--bank",
+            str(env / "bank"),
+            "--out",
+            str(out),
+            "--video-out",
+            str(out / "video"),
+            "--metrics-port",
+            str(port),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         events = out / "events.jsonl"
-        wait_for(lambda: any(a["event"] == "new" for a in _alerts(events)) or proc.poll() is not None,
-                 timeout=240, interval=0.2, what="an alert to open")
+        wait_for(
+            lambda: any(a["event"] == "new" for a in _alerts(events)) or proc.poll() is not None,
+            timeout=240,
+            interval=0.2,
+            what="an alert to open",
+        )
         assert proc.poll() is None, proc.communicate()[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
             assert r.status == 200 and json.loads(r.read())["status"] == "ok"

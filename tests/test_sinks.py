@@ -1,4 +1,5 @@
 """Sinks with real components: JSONL file, H.264 files decoded back with PyAV, JPEG snapshots, overlay."""
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,18 @@ def test_jsonl_frames_alerts_status_and_snapshots(tmp_path):
     frames = [l for l in lines if l["type"] == "frame"]
     assert [f["frame_index"] for f in frames] == list(range(len(scores)))
     f9 = frames[9]
-    assert f9 == {"type": "frame", "v": 1, "camera": "cam", "frame_index": 9, "ts": 500.9, "score": 2.0,
-                  "threshold": 1.0, "is_anomalous": True, "regions": [[20, 10, 50, 40, 0.9, 600]],
-                  "media_ts": None}
+    assert f9 == {
+        "type": "frame",
+        "v": 1,
+        "camera": "cam",
+        "frame_index": 9,
+        "ts": 500.9,
+        "score": 2.0,
+        "threshold": 1.0,
+        "is_anomalous": True,
+        "regions": [[20, 10, 50, 40, 0.9, 600]],
+        "media_ts": None,
+    }
 
     alerts = [l for l in lines if l["type"] == "alert"]
     assert [a["event"] for a in alerts][0] == "new" and alerts[-1]["event"] == "end"
@@ -214,8 +224,7 @@ def test_one_failing_sink_never_stops_the_others(tmp_path):
 
 
 def test_build_sinks_defaults(tmp_path):
-    ss = build_sinks(SinksConfig(video=VideoSinkConfig(dir=str(tmp_path / "v"))), ALERTS, tmp_path,
-                     fps_hint=10)
+    ss = build_sinks(SinksConfig(video=VideoSinkConfig(dir=str(tmp_path / "v"))), ALERTS, tmp_path, fps_hint=10)
     assert sorted(type(s).__name__ for s in ss.sinks) == ["JsonlSink", "VideoSink"]
     for i, s in enumerate([2.0] * 5):
         ss.publish(*make(i, s))

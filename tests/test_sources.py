@@ -1,6 +1,7 @@
 """stream.sources / stream.avio against real inputs: videos encoded here with PyAV, image folders,
 broken files, closed ports, a server that accepts and never answers, an HTTP stream that stalls,
 and (when the system has GStreamer) a real RTSP server that goes away and comes back."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,10 @@ pytestmark = pytest.mark.timeout(60)
 # helpers
 # ------------------------------------------------------------------------------------------------
 
-def make_video(path: Path, n: int = 24, size=(64, 48), codec="libx264", pix_fmt="yuv420p",
-               fmt=None, rate=25, options=None) -> Path:
+
+def make_video(
+    path: Path, n: int = 24, size=(64, 48), codec="libx264", pix_fmt="yuv420p", fmt=None, rate=25, options=None
+) -> Path:
     """Frame i is a flat colour whose red channel is 8*i: order is checkable after decoding."""
     w, h = size
     with av.open(str(path), "w", format=fmt, options=options or {}) as c:
@@ -144,10 +147,14 @@ def video(tmp_path):
 # files
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,codec,pix_fmt", [
-    ("h264.mp4", "libx264", "yuv420p"),
-    ("mjpeg.avi", "mjpeg", "yuvj420p"),
-])
+
+@pytest.mark.parametrize(
+    "name,codec,pix_fmt",
+    [
+        ("h264.mp4", "libx264", "yuv420p"),
+        ("mjpeg.avi", "mjpeg", "yuvj420p"),
+    ],
+)
 def test_file_yields_every_frame_in_order(tmp_path, name, codec, pix_fmt):
     path = make_video(tmp_path / name, n=30, size=(80, 60), codec=codec, pix_fmt=pix_fmt)
     expected = count_frames(path)
@@ -176,15 +183,18 @@ def _encode_or_skip(path, **kw):
         pytest.skip(f"encoder cannot write {kw}: {e}")
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("yuv444p.mp4", dict(codec="libx264", pix_fmt="yuv444p")),
-    ("gray.mp4", dict(codec="libx264", pix_fmt="gray")),
-    ("gray.mkv", dict(codec="ffv1", pix_fmt="gray")),  # decodes as true gray (h264 hands back yuv)
-    ("10bit.mp4", dict(codec="libx264", pix_fmt="yuv420p10le")),
-    ("1x1.mp4", dict(codec="libx264", pix_fmt="yuv444p", size=(1, 1))),
-    ("wide.avi", dict(codec="mjpeg", pix_fmt="yuvj420p", size=(4352, 64))),  # > 4096 px a side
-    ("4k.avi", dict(codec="mjpeg", pix_fmt="yuvj420p", size=(3840, 2160))),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("yuv444p.mp4", dict(codec="libx264", pix_fmt="yuv444p")),
+        ("gray.mp4", dict(codec="libx264", pix_fmt="gray")),
+        ("gray.mkv", dict(codec="ffv1", pix_fmt="gray")),  # decodes as true gray (h264 hands back yuv)
+        ("10bit.mp4", dict(codec="libx264", pix_fmt="yuv420p10le")),
+        ("1x1.mp4", dict(codec="libx264", pix_fmt="yuv444p", size=(1, 1))),
+        ("wide.avi", dict(codec="mjpeg", pix_fmt="yuvj420p", size=(4352, 64))),  # > 4096 px a side
+        ("4k.avi", dict(codec="mjpeg", pix_fmt="yuvj420p", size=(3840, 2160))),
+    ],
+)
 def test_pixel_formats_and_sizes_become_rgb24(tmp_path, name, kw):
     n = 3 if kw.get("size", (0, 0))[0] > 1000 else 6
     path = _encode_or_skip(tmp_path / name, n=n, **kw)
@@ -281,6 +291,7 @@ def test_paced_file_timestamps_come_from_clock(tmp_path):
 # broken inputs
 # ------------------------------------------------------------------------------------------------
 
+
 def _truncated(tmp_path):
     data = make_video(tmp_path / "full.mp4", n=24).read_bytes()
     p = tmp_path / "truncated.mp4"
@@ -310,13 +321,16 @@ def _text(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("make,expect", [
-    (_truncated, "not a decodable video"),
-    (_random, "not a decodable video"),
-    (_empty, "empty"),
-    (_missing, "no such file"),
-    (_text, "not a decodable video"),
-])
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (_truncated, "not a decodable video"),
+        (_random, "not a decodable video"),
+        (_empty, "empty"),
+        (_missing, "no such file"),
+        (_text, "not a decodable video"),
+    ],
+)
 def test_broken_file_fails_with_clear_error(tmp_path, caplog, make, expect):
     path = make(tmp_path)
     ev = Events()
@@ -351,13 +365,17 @@ def test_truncated_faststart_file_delivers_what_decodes_and_warns(tmp_path, capl
         frames = drain(src)
     assert 0 < len(frames) < 40
     assert src.state == SourceState.STOPPED and "truncated" in src.detail
-    assert any("cut.mp4" in r.getMessage() and "truncated" in r.getMessage()
-               for r in caplog.records if r.levelno == logging.WARNING)
+    assert any(
+        "cut.mp4" in r.getMessage() and "truncated" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # image folders
 # ------------------------------------------------------------------------------------------------
+
 
 def test_image_folder_sorted_skips_junk_and_unreadable(tmp_path, caplog):
     folder = tmp_path / "frames"
@@ -441,12 +459,21 @@ def test_the_example_subscribers_copy_of_redact_agrees():
         assert mod.redact(url) == expected, url
 
 
-@pytest.mark.parametrize("url,kind", [
-    ("rtsp://cam/x", "rtsp"), ("RTSPS://u:p@cam/x", "rtsp"),
-    ("http://cam/x.mjpg", "http"), ("https://cdn/live.m3u8", "http"), ("hls+https://cdn/a.m3u8", "http"),
-    ("/dev/video0", "webcam"), ("0", "webcam"), ("v4l2:/dev/video2", "webcam"),
-    ("clip.mp4", "file"), ("file:///tmp/clip.mp4", "file"),
-])
+@pytest.mark.parametrize(
+    "url,kind",
+    [
+        ("rtsp://cam/x", "rtsp"),
+        ("RTSPS://u:p@cam/x", "rtsp"),
+        ("http://cam/x.mjpg", "http"),
+        ("https://cdn/live.m3u8", "http"),
+        ("hls+https://cdn/a.m3u8", "http"),
+        ("/dev/video0", "webcam"),
+        ("0", "webcam"),
+        ("v4l2:/dev/video2", "webcam"),
+        ("clip.mp4", "file"),
+        ("file:///tmp/clip.mp4", "file"),
+    ],
+)
 def test_classify(url, kind):
     assert classify(url) == kind
 
@@ -464,6 +491,7 @@ def test_classify_folder_and_unsupported(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # backoff and buffers (unit level)
 # ------------------------------------------------------------------------------------------------
+
 
 def test_backoff_equal_jitter_grows_caps_and_resets():
     b = Backoff(0.5, 4.0, "equal", rng=random.Random(1))
@@ -486,6 +514,7 @@ def test_backoff_full_jitter_bounds():
 
 def test_frame_buffer_drop_oldest():
     from stream.frame import Frame
+
     buf = FrameBuffer(3, drop_oldest=True)
     img = np.zeros((1, 1, 3), np.uint8)
     for i in range(10):
@@ -501,12 +530,14 @@ def test_frame_buffer_drop_oldest():
 # live sources
 # ------------------------------------------------------------------------------------------------
 
+
 def test_unreachable_rtsp_reconnects_with_growing_backoff(caplog):
     caplog.set_level(logging.DEBUG)
     port = free_port()  # nothing listens there: connection refused
     ev = Events()
-    src = Source(cfg(f"rtsp://admin:hunter2@127.0.0.1:{port}/live", reconnect_base_s=0.05,
-                     reconnect_max_s=0.4), on_status=ev).start()
+    src = Source(
+        cfg(f"rtsp://admin:hunter2@127.0.0.1:{port}/live", reconnect_base_s=0.05, reconnect_max_s=0.4), on_status=ev
+    ).start()
     try:
         deadline = time.monotonic() + 10
         while len([e for e in ev if e.state == SourceState.RECONNECTING]) < 6 and time.monotonic() < deadline:
@@ -538,8 +569,10 @@ def test_silent_server_does_not_hang():
     # accepts the TCP connection, never says a word (e.g. a wedged camera)
     with TcpServer(payload=None) as server:
         ev = Events()
-        src = Source(cfg(f"rtsp://127.0.0.1:{server.port}/cam", open_timeout_s=1.0, read_timeout_s=1.0,
-                         reconnect_base_s=0.1), on_status=ev).start()
+        src = Source(
+            cfg(f"rtsp://127.0.0.1:{server.port}/cam", open_timeout_s=1.0, read_timeout_s=1.0, reconnect_base_s=0.1),
+            on_status=ev,
+        ).start()
         try:
             e = ev.wait_for(SourceState.RECONNECTING, timeout=1.0 + 4.0)
             assert e is not None, f"still {src.state} after the timeout"
@@ -574,8 +607,16 @@ def test_stalled_http_stream_hits_read_timeout_and_reconnects():
     payload = b"HTTP/1.0 200 OK\r\nContent-Type: video/mp2t\r\n\r\n" + _mpegts_bytes(150)
     with TcpServer(payload=payload) as server:
         ev = Events()
-        src = Source(cfg(f"http://127.0.0.1:{server.port}/live.ts", open_timeout_s=2.0, read_timeout_s=1.0,
-                         reconnect_base_s=0.05, queue_size=1000), on_status=ev).start()
+        src = Source(
+            cfg(
+                f"http://127.0.0.1:{server.port}/live.ts",
+                open_timeout_s=2.0,
+                read_timeout_s=1.0,
+                reconnect_base_s=0.05,
+                queue_size=1000,
+            ),
+            on_status=ev,
+        ).start()
         try:
             first = src.read(5.0)
             assert first is not None and first.index == 0 and first.image.shape == (48, 64, 3)
@@ -607,8 +648,9 @@ def test_real_rtsp_server_outage_and_recovery():
     with servers.RtspServer(width=64, height=48, fps=15) as server:
         url = server.url.replace("rtsp://", "rtsp://viewer:s3cret@")
         ev = Events()
-        with Source(cfg(url, open_timeout_s=3.0, read_timeout_s=1.0, reconnect_base_s=0.1,
-                        reconnect_max_s=0.5), on_status=ev) as src:
+        with Source(
+            cfg(url, open_timeout_s=3.0, read_timeout_s=1.0, reconnect_base_s=0.1, reconnect_max_s=0.5), on_status=ev
+        ) as src:
             f = src.read(10.0)
             assert f is not None and f.image.shape == (48, 64, 3)
             assert abs(time.time() - f.timestamp) < 5.0  # live: wall-clock timestamps

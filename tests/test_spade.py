@@ -1,4 +1,5 @@
 """SPADE scoring against a brute-force float64 reference on random tensors."""
+
 import numpy as np
 import pytest
 import torch
@@ -43,8 +44,9 @@ def test_scores_match_float64_reference(tmp_path, k_image, k_gallery, kappa):
     rng = np.random.default_rng(1)
     q_pyr = rng.normal(size=(3, 7, 4, 4)).astype(np.float32)
     q_glob = rng.normal(size=(3, 9)).astype(np.float32)
-    sc = SpadeScorer(bank, k_image=k_image, k_gallery=k_gallery, kappa=kappa, sigma=0, input_size=4,
-                     device=torch.device("cpu"))
+    sc = SpadeScorer(
+        bank, k_image=k_image, k_gallery=k_gallery, kappa=kappa, sigma=0, input_size=4, device=torch.device("cpu")
+    )
     _, idx = sc.nearest_frames(torch.from_numpy(q_glob), max(k_image, k_gallery))
     dist = sc.pixel_distances(torch.from_numpy(q_pyr), idx).numpy()
     out = sc.score(torch.from_numpy(q_pyr), torch.from_numpy(q_glob))
@@ -75,8 +77,9 @@ def test_squared_distances_batched_equal_cdist():
     rng = torch.Generator().manual_seed(0)
     a = torch.randn(2, 10, 6, generator=rng)
     b = torch.randn(2, 13, 6, generator=rng)
-    np.testing.assert_allclose(squared_distances(a, b).numpy(), (torch.cdist(a.double(), b.double()) ** 2).numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        squared_distances(a, b).numpy(), (torch.cdist(a.double(), b.double()) ** 2).numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_gaussian_blur_matches_scipy():
@@ -125,8 +128,16 @@ def test_bf16_ranking_measures_winners_exactly(tmp_path, k_gallery, kappa):
     rng = np.random.default_rng(1)
     q_pyr = rng.normal(size=(3, 24, 8, 8)).astype(np.float32)
     q_glob = rng.normal(size=(3, 9)).astype(np.float32)
-    sc = SpadeScorer(bank, k_image=1, k_gallery=k_gallery, kappa=kappa, sigma=0, input_size=8,
-                     device=torch.device("cpu"), rank_dtype=torch.bfloat16)
+    sc = SpadeScorer(
+        bank,
+        k_image=1,
+        k_gallery=k_gallery,
+        kappa=kappa,
+        sigma=0,
+        input_size=8,
+        device=torch.device("cpu"),
+        rank_dtype=torch.bfloat16,
+    )
     _, idx = sc.nearest_frames(torch.from_numpy(q_glob), k_gallery)
     got = sc.pixel_distances(torch.from_numpy(q_pyr), idx).numpy()
     _, want = reference(np.asarray(bank.pixel_features), glob_bank, q_pyr, q_glob, 1, k_gallery, kappa)
@@ -142,16 +153,31 @@ def test_bf16_ranking_is_exact_without_near_ties(tmp_path):
     perm = rng.permutation(64)
     q = (pix[1][perm] + rng.normal(scale=1e-2, size=(64, 16))).astype(np.float32)
     q_pyr = q.T.reshape(1, 16, 8, 8)
-    sc = SpadeScorer(bank, k_image=1, k_gallery=1, kappa=1, sigma=0, input_size=8, device=torch.device("cpu"),
-                     rank_dtype=torch.bfloat16)
+    sc = SpadeScorer(
+        bank,
+        k_image=1,
+        k_gallery=1,
+        kappa=1,
+        sigma=0,
+        input_size=8,
+        device=torch.device("cpu"),
+        rank_dtype=torch.bfloat16,
+    )
     got = sc.pixel_distances(torch.from_numpy(q_pyr), torch.ones(1, 1, dtype=torch.long)).numpy()
     want = np.linalg.norm(q.astype(np.float64) - pix[1][perm].astype(np.float64), axis=1).reshape(1, 8, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("setting,precision,device,want", [
-    ("auto", "bf16", "cpu", torch.bfloat16), ("auto", "fp32", "cpu", None), ("auto", "bf16", "cuda", None),
-    ("fp32", "bf16", "cpu", None), ("bf16", "fp32", "cpu", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "setting,precision,device,want",
+    [
+        ("auto", "bf16", "cpu", torch.bfloat16),
+        ("auto", "fp32", "cpu", None),
+        ("auto", "bf16", "cuda", None),
+        ("fp32", "bf16", "cpu", None),
+        ("bf16", "fp32", "cpu", torch.bfloat16),
+    ],
+)
 def test_rank_precision_resolution(setting, precision, device, want):
     from detector.detector import rank_dtype
 

@@ -8,6 +8,7 @@ Knobs (environment):
   SUBSCRIBER_BLOCK_MS  the subscriber's --block-ms (default 200)
   SUBSCRIBER_SCRIPT    another subscriber to run instead of examples/subscriber.py (e.g. an old copy)
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,17 @@ pytestmark = pytest.mark.timeout(60 + 2 * IDLE_S)
 
 def message(alert_id: str, type_: str, frame_index: int) -> dict:
     """An alert message exactly as the sink builds it."""
-    ev = AlertEvent(type_, alert_id, "gate", 1700000000.4, None if type_ != "end" else 1700000003.0, 4.0,
-                    snapshot=f"runs/x/{alert_id}.jpg", reason="recovered" if type_ == "end" else None,
-                    frame_index=frame_index)
+    ev = AlertEvent(
+        type_,
+        alert_id,
+        "gate",
+        1700000000.4,
+        None if type_ != "end" else 1700000003.0,
+        4.0,
+        snapshot=f"runs/x/{alert_id}.jpg",
+        reason="recovered" if type_ == "end" else None,
+        frame_index=frame_index,
+    )
     return alert_message(ev)
 
 
@@ -60,7 +69,11 @@ class Subscriber:
     def __init__(self, url: str, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-u", SCRIPT, "--redis", url, "--json", "--block-ms", str(BLOCK_MS), *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
@@ -82,8 +95,7 @@ class Subscriber:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                pytest.fail(f"got {len(out)} of {n} messages; alive={self.alive()}\n"
-                            f"stderr:\n{self.stderr}")
+                pytest.fail(f"got {len(out)} of {n} messages; alive={self.alive()}\nstderr:\n{self.stderr}")
             out.append(json.loads(line, parse_constant=_strict))
         return out
 
@@ -194,8 +206,14 @@ def test_duplicates_are_printed_once_and_from_dollar_skips_history(subscribers):
 
 
 def test_bad_url_is_one_error_line_without_the_password():
-    proc = subprocess.run([sys.executable, SCRIPT, "--redis", f"http://user:{PASSWORD}@somewhere:6379/0"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--redis", f"http://user:{PASSWORD}@somewhere:6379/0"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert PASSWORD not in proc.stderr + proc.stdout

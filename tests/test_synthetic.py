@@ -52,7 +52,7 @@ def test_anomaly_has_normal_frames_before_and_after(clips, kind):
     present = np.flatnonzero(labels)
     assert present.size >= 20
     assert present[0] >= 10 and present[-1] <= 110  # normal stretches on both sides
-    assert labels[present[0]:present[-1] + 1].all()  # one contiguous event
+    assert labels[present[0] : present[-1] + 1].all()  # one contiguous event
     assert max(m.mean() for _, m in clips[kind][0]) > 0.008  # large enough to be seen
 
 

@@ -97,8 +97,9 @@ def test_error_inside_context_still_closes_and_keeps_frames(tmp_path):
     assert len(_decode(path)[0]) == 5
 
 
-@pytest.mark.parametrize("bad", [np.zeros((32, 31, 3), np.uint8), np.zeros((32, 32), np.uint8),
-                                 np.zeros((32, 32, 3), np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((32, 31, 3), np.uint8), np.zeros((32, 32), np.uint8), np.zeros((32, 32, 3), np.float32)]
+)
 def test_rejects_wrong_frames(tmp_path, bad):
     with VideoWriter(tmp_path / "bad.mp4", 32, 32, 24) as w:
         with pytest.raises(ValueError):
