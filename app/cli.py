@@ -6,6 +6,7 @@ Bad input (a missing file, a bad config field, an unreadable video) ends with on
 per problem naming the file, field or variable, and exit code 2. `run` exits 3 when no camera delivered a
 frame.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ DESCRIPTION = "spade-stream command line: fit a memory bank, evaluate offline, r
 
 
 def _parse_source(spec: str):
-    from configs.schema import SourceConfig
     from pydantic import ValidationError
+
+    from configs.schema import SourceConfig
 
     if "=" not in spec:
         raise UserError(f"--source {spec!r}: expected NAME=URL (e.g. cam1=rtsp://host/stream)")
@@ -46,32 +48,67 @@ def _parse_source(spec: str):
 def _add_live_commands(sub, common) -> None:
     p = sub.add_parser("run", help="run the live pipeline on cameras and files")
     common(p)
-    p.add_argument("--bank", default=None,
-                   help="memory bank directory (from `fit`) of every camera without a bank of its own")
-    p.add_argument("--camera-bank", action="append", default=[], metavar="NAME=DIR",
-                   help="camera NAME's own bank (repeatable; sets sources[].bank)")
-    p.add_argument("--source", action="append", default=[], metavar="NAME=URL",
-                   help="add a camera or file (repeatable); adds to the config's sources")
+    p.add_argument(
+        "--bank", default=None, help="memory bank directory (from `fit`) of every camera without a bank of its own"
+    )
+    p.add_argument(
+        "--camera-bank",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="camera NAME's own bank (repeatable; sets sources[].bank)",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="add a camera or file (repeatable); adds to the config's sources",
+    )
     p.add_argument("--redis", default=None, metavar="URL", help="publish to Redis (redis:// or rediss://)")
     p.add_argument("--video-out", default=None, metavar="DIR", help="write annotated video per camera")
-    p.add_argument("--out", default="runs/latest", metavar="DIR",
-                   help="where events.jsonl and snapshots go (default runs/latest)")
+    p.add_argument(
+        "--out", default="runs/latest", metavar="DIR", help="where events.jsonl and snapshots go (default runs/latest)"
+    )
     p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics and /healthz on this port (0: any free port)")
-    p.add_argument("--secrets-file", default=None, metavar="FILE",
-                   help="NAME=value lines (chmod 600) that *_env config fields may name")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics and /healthz on this port (0: any free port)",
+    )
+    p.add_argument(
+        "--secrets-file",
+        default=None,
+        metavar="FILE",
+        help="NAME=value lines (chmod 600) that *_env config fields may name",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live terminal display")
-    p.add_argument("--cluster", default=None, metavar="ADDRESS",
-                   help="spread the cameras over Ray workers: a Ray address (auto, ray://host:10001, host:6379) "
-                   "or local (Ray in this process); needs a Redis URL (app/cluster.py)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N",
-                   help="with --cluster and no GPUs: one camera worker per N CPUs (default 1)")
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS",
+        help="spread the cameras over Ray workers: a Ray address (auto, ray://host:10001, host:6379) "
+        "or local (Ray in this process); needs a Redis URL (app/cluster.py)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="with --cluster and no GPUs: one camera worker per N CPUs (default 1)",
+    )
 
     p = sub.add_parser("synth", help="write the synthetic STC-layout data set (tests, demos, benchmarks)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, help="activity seed")
-    p.add_argument("--camera", type=int, default=0, help="scene (layout and background) seed; its STC scene number, camera + 1, prefixes the names, so runs with other --camera values into one --out make a multi-scene set")
+    p.add_argument(
+        "--camera",
+        type=int,
+        default=0,
+        help="scene (layout and background) seed; its STC scene number, camera + 1, prefixes the names, "
+        "so runs with other --camera values into one --out make a multi-scene set",
+    )
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT (even numbers)")
     p.add_argument("--train-videos", type=int, default=2)
     p.add_argument("--train-frames", type=int, default=240)
@@ -89,18 +126,35 @@ def _add_live_commands(sub, common) -> None:
     p = sub.add_parser("console", help="operator web console: cameras, live previews, alerts (reads Redis only)")
     p.add_argument("--redis", required=True, metavar="URL", help="the Redis the pipeline(s) publish to")
     p.add_argument("--prefix", default="spade", help="key prefix (sinks.redis.prefix; default spade)")
-    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
-                   help="interface to listen on (default 127.0.0.1; any other needs --token-env)")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="interface to listen on (default 127.0.0.1; any other needs --token-env)",
+    )
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--token-env", default=None, metavar="NAME",
-                   help="environment variable (or --secrets-file name) holding the access token")
+    p.add_argument(
+        "--token-env",
+        default=None,
+        metavar="NAME",
+        help="environment variable (or --secrets-file name) holding the access token",
+    )
     p.add_argument("--secrets-file", default=None, metavar="FILE", help="NAME=value lines (chmod 600)")
-    p.add_argument("--redis-password-env", default=None, metavar="NAME",
-                   help="environment variable holding the Redis password")
-    p.add_argument("--snapshots-root", default=None, metavar="DIR",
-                   help="serve alert snapshots found under DIR (default: serve none)")
-    p.add_argument("--video-root", default=None, metavar="DIR",
-                   help="link alerts to the video sink's recordings under DIR (default: none)")
+    p.add_argument(
+        "--redis-password-env", default=None, metavar="NAME", help="environment variable holding the Redis password"
+    )
+    p.add_argument(
+        "--snapshots-root",
+        default=None,
+        metavar="DIR",
+        help="serve alert snapshots found under DIR (default: serve none)",
+    )
+    p.add_argument(
+        "--video-root",
+        default=None,
+        metavar="DIR",
+        help="link alerts to the video sink's recordings under DIR (default: none)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -127,8 +181,10 @@ def _apply_cli_overrides(cfg, args):
         if not sep or not path:
             raise UserError(f"--camera-bank {spec!r}: expected NAME=DIR (e.g. gate=banks/gate)")
         if src is None:
-            raise UserError(f"--camera-bank {name}: no source of that name (sources: "
-                            f"{', '.join(s.name for s in cfg.sources) or 'none'})")
+            raise UserError(
+                f"--camera-bank {name}: no source of that name (sources: "
+                f"{', '.join(s.name for s in cfg.sources) or 'none'})"
+            )
         src.bank = path
     if getattr(args, "redis", None):
         cfg.sinks.redis.url = args.redis
@@ -145,9 +201,9 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     """Run the live pipeline on cfg.sources, each camera scored against its own bank (sources[].bank)
     or `bank`. `on_pipeline(pipe)`, when given, is called with the Pipeline just before it runs (app.cluster
     uses it to stop the run from another thread and to read its state)."""
+    from app.pipeline import Pipeline
     from detector.cameras import BankRouter
     from sinks import build_sinks
-    from app.pipeline import Pipeline
     from stream.sources import check_recorded
 
     if not cfg.sources:
@@ -194,10 +250,15 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
 
 
 def _summary_json(summary) -> dict:
-    return {"reason": summary.reason, "frames": summary.frames, "elapsed_s": round(summary.elapsed_s, 2),
-            "fps": round(summary.fps, 2), "cameras": summary.cameras,
-            "stage_ms_per_frame": {k: round(v, 2) for k, v in summary.stage_ms.items()},
-            "sink_errors": summary.sink_errors}
+    return {
+        "reason": summary.reason,
+        "frames": summary.frames,
+        "elapsed_s": round(summary.elapsed_s, 2),
+        "fps": round(summary.fps, 2),
+        "cameras": summary.cameras,
+        "stage_ms_per_frame": {k: round(v, 2) for k, v in summary.stage_ms.items()},
+        "sink_errors": summary.sink_errors,
+    }
 
 
 def cmd_run(args) -> int:
@@ -211,8 +272,13 @@ def cmd_run(args) -> int:
         from app.cluster import cmd_run_cluster
 
         return cmd_run_cluster(cfg, args)
-    summary = run_pipeline(cfg, Path(args.bank) if args.bank else None, Path(args.out), args.duration,
-                           progress=cfg.pipeline.progress and not args.no_progress and not args.quiet)
+    summary = run_pipeline(
+        cfg,
+        Path(args.bank) if args.bank else None,
+        Path(args.out),
+        args.duration,
+        progress=cfg.pipeline.progress and not args.no_progress and not args.quiet,
+    )
     print(jsonsafe.dumps(_summary_json(summary), indent=1))
     failed = [n for n, c in summary.cameras.items() if c.get("error")]
     for n in failed:  # one line each, naming the camera and the (redacted) file or URL
@@ -220,8 +286,12 @@ def cmd_run(args) -> int:
     if failed and len(failed) == len(summary.cameras):
         return 2
     if summary.frames == 0:
-        print("error: no camera delivered a frame during the run (states: "
-              + ", ".join(f"{n} {c['state']}" for n, c in summary.cameras.items()) + ")", file=sys.stderr)
+        print(
+            "error: no camera delivered a frame during the run (states: "
+            + ", ".join(f"{n} {c['state']}" for n, c in summary.cameras.items())
+            + ")",
+            file=sys.stderr,
+        )
         return EXIT_NO_FRAMES
     return 0
 
@@ -254,8 +324,11 @@ def _demo_bank(cfg, out: Path, seed: int, quiet: bool) -> tuple[Path, bool]:
     # ~40 MB instead of ~160 MB, with the same alerts on the demo's clips.
     fit_cfg = cfg.model_copy(deep=True)
     fit_cfg.bank.every = max(cfg.bank.every, DEMO_BANK_EVERY)
-    print(f"[1/3] generating 20 s of normal footage and fitting a memory bank ({cfg.detector.backbone.name}, "
-          f"every {fit_cfg.bank.every}th frame) in {bank}", flush=True)
+    print(
+        f"[1/3] generating 20 s of normal footage and fitting a memory bank ({cfg.detector.backbone.name}, "
+        f"every {fit_cfg.bank.every}th frame) in {bank}",
+        flush=True,
+    )
     try:
         generate_stc(footage, seed=seed, fps=DEMO_FPS, train_videos=2, train_frames=240, test_videos=0)
         fit_bank(fit_cfg, footage, bank, progress=not quiet)
@@ -324,8 +397,22 @@ def cmd_demo(args) -> int:
         "annotated_video": sorted(str(p) for p in (run / "video").glob("*.mp4")),
         "events": str(run / "events.jsonl"),
         "snapshots": sorted(str(p) for p in (run / "snapshots").rglob("*.jpg")),
-        "alerts": [{k: a.get(k) for k in ("event", "alert_id", "start_ts", "end_ts", "start_media_ts",
-                                          "end_media_ts", "peak_score", "snapshot")} for a in alerts],
+        "alerts": [
+            {
+                k: a.get(k)
+                for k in (
+                    "event",
+                    "alert_id",
+                    "start_ts",
+                    "end_ts",
+                    "start_media_ts",
+                    "end_media_ts",
+                    "peak_score",
+                    "snapshot",
+                )
+            }
+            for a in alerts
+        ],
         "pipeline": _summary_json(summary),
         "total_s": round(time.monotonic() - t0, 1),
     }
@@ -341,9 +428,16 @@ def cmd_synth(args) -> int:
     except ValueError:
         raise UserError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
     try:
-        summary = generate_stc(args.out, seed=args.seed, camera=args.camera, size=(w, h),
-                               train_videos=args.train_videos, train_frames=args.train_frames,
-                               test_videos=args.test_videos, test_frames=args.test_frames)
+        summary = generate_stc(
+            args.out,
+            seed=args.seed,
+            camera=args.camera,
+            size=(w, h),
+            train_videos=args.train_videos,
+            train_frames=args.train_frames,
+            test_videos=args.test_videos,
+            test_frames=args.test_frames,
+        )
     except ValueError as err:
         raise UserError(f"synth: {err}") from None
     from configs import jsonsafe
@@ -373,9 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True)
     p.add_argument("--out", required=True, help="output directory for metrics.json and plots")
     p.add_argument("--every", type=int, default=1, help="evaluate every N-th test frame (paper: 5)")
-    p.add_argument("--smooth", choices=["none", "causal", "centred"], default="none",
-                   help="temporal smoothing of frame scores (causal is what live alerts see)")
+    p.add_argument(
+        "--smooth",
+        choices=["none", "causal", "centred"],
+        default="none",
+        help="temporal smoothing of frame scores (causal is what live alerts see)",
+    )
     p.add_argument("--window", type=int, default=9, help="smoothing window in frames")
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS",
+        help="score the test videos on Ray tasks: a Ray address or local (app/cluster.py); data and "
+        "bank must be at the same path on every node",
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N", help="with --cluster: CPUs per task")
 
     p = sub.add_parser("verify-bank", help="check a bank's arrays against the checksums in its metadata")
     p.add_argument("--bank", required=True)
@@ -386,8 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="timm")
@@ -403,8 +512,13 @@ def cmd_fit(args) -> int:
 
     def summary(m: dict) -> dict:
         cal = m.get("calibration") or {}
-        return {"n_frames": m["n_frames"], "backbone": m["backbone"], "holdout": cal.get("n_holdout", 0),
-                "pixel_threshold": cal.get("pixel_threshold"), "count_warnings": m.get("count_warnings", [])}
+        return {
+            "n_frames": m["n_frames"],
+            "backbone": m["backbone"],
+            "holdout": cal.get("n_holdout", 0),
+            "pixel_threshold": cal.get("pixel_threshold"),
+            "count_warnings": m.get("count_warnings", []),
+        }
 
     if "scenes" in meta:
         out = {"bank": str(args.bank), "scenes": {s: summary(m) for s, m in meta["scenes"].items()}}
@@ -423,8 +537,32 @@ def cmd_eval(args) -> int:
     if args.every < 1:
         raise UserError(f"--every: expected a positive integer, got {args.every}")
     cfg = configs.load(args.config)
-    m = evaluate(cfg, args.data, args.bank, args.out, every=args.every, smoothing=args.smooth,
-                 window=args.window if args.smooth != "none" else 1, progress=not args.quiet)
+    if getattr(args, "cluster", None):  # many machines: app/cluster.py
+        from app.cluster import evaluate_cluster
+
+        m = evaluate_cluster(
+            cfg,
+            args.data,
+            args.bank,
+            args.out,
+            address=args.cluster,
+            every=args.every,
+            smoothing=args.smooth,
+            window=args.window if args.smooth != "none" else 1,
+            progress=not args.quiet,
+            cpus_per_task=args.cpus_per_worker,
+        )
+    else:
+        m = evaluate(
+            cfg,
+            args.data,
+            args.bank,
+            args.out,
+            every=args.every,
+            smoothing=args.smooth,
+            window=args.window if args.smooth != "none" else 1,
+            progress=not args.quiet,
+        )
     keys = ("frame_auroc_micro", "frame_auroc_macro", "pixel_auroc", "n_frames", "frame_score")
     print(jsonsafe.dumps({k: m[k] for k in keys} | {"metrics": str(Path(args.out) / "metrics.json")}, indent=1))
     return 0
@@ -457,8 +595,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    handlers = {"fit": cmd_fit, "eval": cmd_eval, "verify-bank": cmd_verify, "run": cmd_run, "demo": cmd_demo,
-                "synth": cmd_synth, "console": cmd_console}
+    handlers = {
+        "fit": cmd_fit,
+        "eval": cmd_eval,
+        "verify-bank": cmd_verify,
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "synth": cmd_synth,
+        "console": cmd_console,
+    }
     try:
         return handlers[args.command](args)
     except UserError as err:

@@ -235,6 +235,9 @@ def _score_test_set(
     return ScoredTestSet(per_video, pixel_all, pixel_by_video, time.perf_counter() - t0)
 
 
+score_test_set = _score_test_set  # public: what evaluate (and app/cluster.py's Ray tasks, on a subset) call
+
+
 @dataclass
 class VideoResults:
     labels: np.ndarray
@@ -284,15 +287,17 @@ def evaluate(
     window: int = 1,
     progress: bool = True,
     plots: bool = True,
+    score=None,
 ) -> dict:
     """Score an STC-layout test set against a bank (or each test video against its scene's bank) and write
     metrics.json. Frame scores of different scenes are pooled as they are (micro AUROC): every bank's
-    distances are measured in the same backbone's feature space."""
+    distances are measured in the same backbone's feature space. `score` replaces `score_test_set` (same
+    arguments and result): app/cluster.py scores chunks of videos with it on Ray tasks."""
     out_dir = Path(out_dir)
     videos = load_test_set(data)
     routing = SceneRouting.of(cfg, bank_dir, videos)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scored = _score_test_set(cfg, videos, routing, every, progress)
+    scored = (score or score_test_set)(cfg, videos, routing, every, progress)
     results = [
         _video_results(v, scored.videos[v.name], scored.pixel_by_video[v.name], smoothing, window) for v in videos
     ]
