@@ -14,7 +14,7 @@ ifeq ($(PYTHON),$(VENV)/bin/python)
 VENV_DEP := $(VENV)/bin/pip
 endif
 
-.PHONY: install system-deps demo test test-all bench clean distclean
+.PHONY: install system-deps demo test test-all lint format bench clean distclean
 
 # bin/pip is the last thing `python3 -m venv` makes: a venv left half-made (no ensurepip) is redone
 $(VENV)/bin/pip:
@@ -34,6 +34,17 @@ test: install  # the fast suite: everything but the tests marked slow
 
 test-all: install  # the whole suite, as CI runs it (.ci/run)
 	$(PYTHON) -m pytest -q
+
+lint: install  # ruff's formatter (check only) and linter over the tree, mypy over configs/ sinks/ detector/
+	$(PIP) install -q 'ruff>=0.6' 'mypy>=1.10'
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+format: install  # rewrite the tree in ruff's format and apply its safe fixes
+	$(PIP) install -q 'ruff>=0.6'
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
 
 bench: install
 	$(PYTHON) benchmarks/bench_pipeline.py --json benchmarks/out/pipeline.json

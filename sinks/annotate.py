@@ -7,6 +7,7 @@ threshold, on frames whose score reaches the frame threshold. On a normal frame 
 regions that pass the pixel threshold (ordinary pedestrians, mostly) are thin grey dashed boxes without a
 label ('faint', the default) or not drawn at all ('hidden', which also leaves out the heat map).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def _thickness(h: int) -> int:
 
 def _darken(canvas: np.ndarray, x1: int, y1: int, x2: int, y2: int, keep: float = 0.45) -> None:
     """Dim a rectangle so text on it stays legible over any scene."""
-    roi = canvas[max(0, y1):max(0, y2), max(0, x1):max(0, x2)]
+    roi = canvas[max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)]
     if roi.size:
         roi[:] = (roi.astype(np.float32) * keep).astype(np.uint8)
 
@@ -57,8 +58,9 @@ def heat_range(map_max: float, pixel_threshold: float | None, floor: float) -> t
     return 0.5 * hi, hi
 
 
-def heatmap_overlay(canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, alpha: float = 0.6,
-                    colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:
+def heatmap_overlay(
+    canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, alpha: float = 0.6, colormap: int = cv2.COLORMAP_INFERNO
+) -> np.ndarray:
     """Blend a colour-mapped `heat` (float, same H x W as canvas) over the RGB canvas.
 
     OpenCV primitives throughout: the numpy equivalent was markedly slower on a 1080p frame (measured when
@@ -71,29 +73,38 @@ def heatmap_overlay(canvas: np.ndarray, heat: np.ndarray, lo: float, hi: float, 
     # Clamp to [0, 1] in place with thresholds: cv2.min/max take a 1x1 array for a scalar, np.clip is slower.
     cv2.threshold(frac, 1.0, 1.0, cv2.THRESH_TRUNC, dst=frac)
     cv2.threshold(frac, 0.0, 0.0, cv2.THRESH_TOZERO, dst=frac)
-    colour = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(frac, alpha=255), colormap),
-                          cv2.COLOR_BGR2RGB)
+    colour = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(frac, alpha=255), colormap), cv2.COLOR_BGR2RGB)
     a = cv2.multiply(frac, frac, scale=float(alpha))  # quadratic: faint values stay faint
     canvas[:] = cv2.blendLinear(canvas, colour, 1.0 - a, a)
     return canvas
 
 
-def _dashed_rect(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], color, thickness: int = 1,
-                 dash: int = 4) -> None:
+def _dashed_rect(
+    canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], color, thickness: int = 1, dash: int = 4
+) -> None:
     """A rectangle outline of `dash`-pixel dashes and gaps; every corner is drawn."""
     (x1, y1), (x2, y2) = p1, p2
-    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)),
-                               ((x1, y2), (x1, y1))):
+    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
         n = max(abs(bx - ax), abs(by - ay))
         for start in range(0, n + 1, 2 * dash):
             end = min(start + dash - 1, n)
             f0, f1 = start / n if n else 0.0, end / n if n else 0.0
-            cv2.line(canvas, (round(ax + (bx - ax) * f0), round(ay + (by - ay) * f0)),
-                     (round(ax + (bx - ax) * f1), round(ay + (by - ay) * f1)), color, thickness)
+            cv2.line(
+                canvas,
+                (round(ax + (bx - ax) * f0), round(ay + (by - ay) * f0)),
+                (round(ax + (bx - ax) * f1), round(ay + (by - ay) * f1)),
+                color,
+                thickness,
+            )
 
 
-def draw_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0),
-                 color=RED, threshold: float | None = None) -> np.ndarray:
+def draw_regions(
+    canvas: np.ndarray,
+    regions: list[Region],
+    scale: tuple[float, float] = (1.0, 1.0),
+    color=RED,
+    threshold: float | None = None,
+) -> np.ndarray:
     """Boxes labelled with their peak value (against `threshold`, the region threshold, when given).
     `scale` maps region coordinates (result.frame_size) to the canvas."""
     h = canvas.shape[0]
@@ -113,8 +124,9 @@ def draw_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, 
     return canvas
 
 
-def draw_normal_regions(canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0),
-                        color=GREY) -> np.ndarray:
+def draw_normal_regions(
+    canvas: np.ndarray, regions: list[Region], scale: tuple[float, float] = (1.0, 1.0), color=GREY
+) -> np.ndarray:
     """Regions of a frame under its frame threshold: thin dashed neutral boxes, no label."""
     sx, sy = scale
     for r in regions:
@@ -131,10 +143,20 @@ def draw_status(canvas: np.ndarray, result: FrameResult) -> np.ndarray:
     bar_h = tht + base + 8
     room = w - 8  # the text shrinks to fit beside the ANOMALY tag rather than run under it
     if result.is_anomalous:
-        canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.asarray(RED, np.float32) * 0.65).astype(np.uint8)
+        canvas[:bar_h] = (canvas[:bar_h].astype(np.float32) * 0.35 + np.asarray(RED, np.float32) * 0.65).astype(
+            np.uint8
+        )
         (aw, _), _ = cv2.getTextSize("ANOMALY", cv2.FONT_HERSHEY_SIMPLEX, fs * 1.1, th + 1)
-        cv2.putText(canvas, "ANOMALY", (max(0, w - aw - 6), bar_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX,
-                    fs * 1.1, WHITE, th + 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            "ANOMALY",
+            (max(0, w - aw - 6), bar_h - base - 3),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            fs * 1.1,
+            WHITE,
+            th + 1,
+            cv2.LINE_AA,
+        )
         room -= aw + 8
     else:
         _darken(canvas, 0, 0, w, bar_h)
@@ -146,8 +168,7 @@ def draw_status(canvas: np.ndarray, result: FrameResult) -> np.ndarray:
     return canvas
 
 
-def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height: int | None = None
-                  ) -> np.ndarray:
+def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height: int | None = None) -> np.ndarray:
     """Strip along the bottom: score (cyan, red where >= threshold) and threshold (yellow) over the
     last `span_s` seconds. `points` are (ts, score, threshold), oldest first."""
     h, w = canvas.shape[:2]
@@ -177,8 +198,14 @@ def draw_timeline(canvas: np.ndarray, points, now: float, span_s: float, height:
     return canvas
 
 
-def annotate_frame(image: np.ndarray, result: FrameResult, map_floor: float = 1.0, alpha: float = 0.6,
-                   colormap: int = cv2.COLORMAP_INFERNO, normal_regions: str = "faint") -> np.ndarray:
+def annotate_frame(
+    image: np.ndarray,
+    result: FrameResult,
+    map_floor: float = 1.0,
+    alpha: float = 0.6,
+    colormap: int = cv2.COLORMAP_INFERNO,
+    normal_regions: str = "faint",
+) -> np.ndarray:
     """Heatmap + region boxes + status bar on a copy of `image` (RGB). Used as-is for snapshots. The
     heat scale follows the result's own pixel threshold (its camera's bank): transparent up to 0.8x it,
     full colour at 2x (`heat_range`).
@@ -211,8 +238,14 @@ def annotate_frame(image: np.ndarray, result: FrameResult, map_floor: float = 1.
 class Annotator:
     """Full overlay for recorded video: `annotate_frame` plus each camera's scrolling score timeline."""
 
-    def __init__(self, timeline_s: float = 10.0, map_floor: float = 1.0, alpha: float = 0.6,
-                 colormap: int = cv2.COLORMAP_INFERNO, normal_regions: str = "faint") -> None:
+    def __init__(
+        self,
+        timeline_s: float = 10.0,
+        map_floor: float = 1.0,
+        alpha: float = 0.6,
+        colormap: int = cv2.COLORMAP_INFERNO,
+        normal_regions: str = "faint",
+    ) -> None:
         if normal_regions not in NORMAL_REGIONS:
             raise ValueError(f"normal_regions: expected one of {NORMAL_REGIONS}, got {normal_regions!r}")
         self.normal_regions = normal_regions
@@ -230,6 +263,5 @@ class Annotator:
         hist.append((ts, float(result.score), float(result.threshold)))
         while hist and hist[0][0] < ts - self.timeline_s:
             hist.popleft()
-        canvas = annotate_frame(frame.image, result, self.map_floor, self.alpha, self.colormap,
-                                self.normal_regions)
+        canvas = annotate_frame(frame.image, result, self.map_floor, self.alpha, self.colormap, self.normal_regions)
         return draw_timeline(canvas, hist, ts, self.timeline_s)

@@ -16,6 +16,7 @@ Buffering depends on what the input is (see `FrameBuffer`):
 How inputs are opened (FFmpeg options, timeouts, error wording, credential redaction) lives in
 `stream.avio`; this module only decides when to open, retry, pace and buffer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,9 +25,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class StatusEvent:
     state: SourceState
     detail: str  # human-readable, credentials redacted
     ts: float  # clock() when the state was entered
-    retry_in: Optional[float] = None  # RECONNECTING only: seconds until the next attempt
+    retry_in: float | None = None  # RECONNECTING only: seconds until the next attempt
 
 
 class Backoff:
@@ -69,7 +70,7 @@ class Backoff:
     "full" jitter waits in [0, d] (spreads best, but may retry at once).
     """
 
-    def __init__(self, base: float, cap: float, jitter: str = "equal", rng: Optional[random.Random] = None):
+    def __init__(self, base: float, cap: float, jitter: str = "equal", rng: random.Random | None = None):
         if jitter not in ("equal", "full"):
             raise ValueError(f"jitter must be 'equal' or 'full', got {jitter!r}")
         self.base, self.cap, self.jitter = base, max(cap, 0.0), jitter
@@ -122,7 +123,7 @@ class FrameBuffer:
             self._cond.notify_all()
             return True
 
-    def get(self, timeout: float) -> Optional[Frame]:
+    def get(self, timeout: float) -> Frame | None:
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             while not self._q:
@@ -167,9 +168,9 @@ class Source:
     def __init__(
         self,
         cfg: SourceConfig,
-        on_status: Optional[Callable[[StatusEvent], None]] = None,
+        on_status: Callable[[StatusEvent], None] | None = None,
         clock: Callable[[], float] = time.time,
-        prepare: Optional[Callable[[Picture], Optional[np.ndarray]]] = None,
+        prepare: Callable[[Picture], np.ndarray | None] | None = None,
         decode_threads: int = 0,
         flow=None,
     ):
@@ -194,17 +195,17 @@ class Source:
         self._state_lock = threading.RLock()
         self._state = SourceState.CONNECTING
         self._detail = f"not started ({self.url})"
-        self._thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None  # a UserError for bad input; set with FAILED
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # a UserError for bad input; set with FAILED
         self.decoded = 0
         self.sequence = -1  # Frame.sequence: incremented at every new connection or pass
         self.reconnects = 0
-        self.last_frame_time: Optional[float] = None  # clock() when the latest frame was decoded
+        self.last_frame_time: float | None = None  # clock() when the latest frame was decoded
         self.backoff = Backoff(cfg.reconnect_base_s, cfg.reconnect_max_s, cfg.reconnect_jitter)
-        self.started_at: Optional[float] = None  # clock() at start()
+        self.started_at: float | None = None  # clock() at start()
         self._credentials()  # a missing secret is a configuration error: refuse now, not at first open
 
-    def _credentials(self) -> tuple[Optional[str], Optional[str]]:
+    def _credentials(self) -> tuple[str | None, str | None]:
         """(user name, password) from the environment variables the config names (read at every
         open, so a rotated password is picked up at the next reconnect)."""
         import os
@@ -217,8 +218,10 @@ class Source:
                 continue
             value = os.environ.get(var)
             if value is None:
-                raise UserError(f"sources.{self.name}.{field}: environment variable {var} is not set "
-                                "(export it, or put it in pipeline.secrets_file)")
+                raise UserError(
+                    f"sources.{self.name}.{field}: environment variable {var} is not set "
+                    "(export it, or put it in pipeline.secrets_file)"
+                )
             values.append(value)
         return values[0], values[1]
 
@@ -246,7 +249,7 @@ class Source:
     def queue_depth(self) -> int:
         return self._buffer.depth
 
-    def start(self) -> "Source":
+    def start(self) -> Source:
         if self._thread is not None or self._stop.is_set():
             raise RuntimeError(f"source {self.name} already started or stopped; create a new Source")
         self.started_at = self._clock()
@@ -255,7 +258,7 @@ class Source:
         self._thread.start()
         return self
 
-    def read(self, timeout: float = 1.0) -> Optional[Frame]:
+    def read(self, timeout: float = 1.0) -> Frame | None:
         """The next frame, or None after `timeout` seconds without one (or when finished)."""
         return self._buffer.get(timeout)
 
@@ -265,7 +268,7 @@ class Source:
             return self.cfg.health_timeout_s
         return self.cfg.open_timeout_s + self.cfg.read_timeout_s + self.backoff.ceiling()
 
-    def health(self, now: Optional[float] = None) -> dict:
+    def health(self, now: float | None = None) -> dict:
         """{"healthy", "state", "last_frame_age_s", "timeout_s", "reason"}: no URL, no credentials.
 
         A file that ended normally is healthy ("ended"); FAILED is not; anything else is unhealthy
@@ -275,15 +278,19 @@ class Source:
         ref = self.last_frame_time if self.last_frame_time is not None else self.started_at
         age = None if ref is None else max(0.0, now - ref)
         timeout = self.health_timeout()
-        out = {"state": state.value, "last_frame_age_s": None if self.last_frame_time is None
-               else round(max(0.0, now - self.last_frame_time), 3), "timeout_s": round(timeout, 3)}
+        out = {
+            "state": state.value,
+            "last_frame_age_s": None
+            if self.last_frame_time is None
+            else round(max(0.0, now - self.last_frame_time), 3),
+            "timeout_s": round(timeout, 3),
+        }
         if state == SourceState.FAILED:
             return {**out, "healthy": False, "reason": "failed"}
         if state == SourceState.STOPPED:
             return {**out, "healthy": True, "reason": "ended"}
         if age is not None and age > timeout:
-            return {**out, "healthy": False,
-                    "reason": f"no frame for {age:.1f} s (timeout {timeout:.1f} s)"}
+            return {**out, "healthy": False, "reason": f"no frame for {age:.1f} s (timeout {timeout:.1f} s)"}
         return {**out, "healthy": True, "reason": "ok"}
 
     def request_stop(self) -> None:
@@ -302,14 +309,18 @@ class Source:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
             if t.is_alive():
-                log.warning("%s: decode thread still blocked on %s after %.1f s; it exits at its read timeout",
-                            self.name, self.url, timeout)
+                log.warning(
+                    "%s: decode thread still blocked on %s after %.1f s; it exits at its read timeout",
+                    self.name,
+                    self.url,
+                    timeout,
+                )
                 self._set_state(SourceState.STOPPED, "stopped (decode thread still finishing)")
                 return False
         self._set_state(SourceState.STOPPED, "stopped")
         return True
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -317,7 +328,7 @@ class Source:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _set_state(self, state: SourceState, detail: str, retry_in: Optional[float] = None) -> None:
+    def _set_state(self, state: SourceState, detail: str, retry_in: float | None = None) -> None:
         with self._state_lock:
             if self._state in TERMINAL_STATES:
                 return  # STOPPED / FAILED are final; a late stop() or thread exit changes nothing
@@ -351,8 +362,9 @@ class Source:
         except UserError as err:
             self._fail(err)
         except Exception as err:  # a bug, not bad input: keep the traceback, minus credentials
-            log.error("%s: decode thread crashed:\n%s", self.name,
-                      avio.redact("".join(traceback.format_exception(err))))
+            log.error(
+                "%s: decode thread crashed:\n%s", self.name, avio.redact("".join(traceback.format_exception(err)))
+            )
             self._fail(err, logged=True)
         finally:
             # state before closing the buffer: whoever sees `finished` also sees the final state
@@ -360,7 +372,7 @@ class Source:
                 self._set_state(SourceState.STOPPED, "stopped")
             self._buffer.close()
 
-    def _deliver(self, picture: Picture, timestamp: float, wall_ts: Optional[float] = None) -> None:
+    def _deliver(self, picture: Picture, timestamp: float, wall_ts: float | None = None) -> None:
         if self._state != SourceState.STREAMING:
             w, h = picture.size
             self._set_state(SourceState.STREAMING, f"{w}x{h} from {self.url}")
@@ -378,9 +390,15 @@ class Source:
             return avio.ImageFolder(cfg.url)
         user, password = self._credentials()
         url = avio.with_credentials(cfg.url, user, password)  # never stored: only FFmpeg sees it
-        return avio.VideoInput(url, self.kind, open_timeout=cfg.open_timeout_s,
-                               read_timeout=cfg.read_timeout_s, rtsp_transport=cfg.rtsp_transport,
-                               hwaccel=self.hwaccel, threads=self.decode_threads)
+        return avio.VideoInput(
+            url,
+            self.kind,
+            open_timeout=cfg.open_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            rtsp_transport=cfg.rtsp_transport,
+            hwaccel=self.hwaccel,
+            threads=self.decode_threads,
+        )
 
     def _run_recorded(self) -> None:
         """File or image folder: once (or forever with cfg.loop), paced or as fast as consumed."""
@@ -428,7 +446,7 @@ class Source:
         if self._flow is not None:
             self._flow.reset()
 
-    def _pace(self, due: Optional[float], period: float) -> float:
+    def _pace(self, due: float | None, period: float) -> float:
         """Wait until the frame is due; returns when the next one is due."""
         now = time.monotonic()
         if due is None or now - due > period:
