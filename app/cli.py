@@ -197,6 +197,16 @@ def _apply_cli_overrides(cfg, args):
     return cfg
 
 
+def check_sources(cfg) -> None:
+    """At least one source, and no two with one name (UserError naming them)."""
+    if not cfg.sources:
+        raise UserError("sources: no camera or file configured (add `sources:` to the config or --source NAME=URL)")
+    names = [s.name for s in cfg.sources]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UserError(f"sources: duplicate camera name(s) {sorted(dupes)}")
+
+
 def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=True, on_pipeline=None):
     """Run the live pipeline on cfg.sources, each camera scored against its own bank (sources[].bank)
     or `bank`. `on_pipeline(pipe)`, when given, is called with the Pipeline just before it runs (app.cluster
@@ -206,12 +216,7 @@ def run_pipeline(cfg, bank: Path | None, out_dir: Path, duration=None, progress=
     from sinks import build_sinks
     from stream.sources import check_recorded
 
-    if not cfg.sources:
-        raise UserError("sources: no camera or file configured (add `sources:` to the config or --source NAME=URL)")
-    names = [s.name for s in cfg.sources]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise UserError(f"sources: duplicate camera name(s) {sorted(dupes)}")
+    check_sources(cfg)
     if cfg.pipeline.secrets_file:
         import configs
 

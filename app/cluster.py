@@ -67,13 +67,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.pipeline import stop_on_signals
 from configs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -367,12 +367,9 @@ class ClusterRunner:
         max_workers: int | None = None,
         local_cpus: int | None = None,
     ) -> None:
-        if not cfg.sources:
-            raise UserError("sources: no camera or file configured (add `sources:` to the config or --source NAME=URL)")
-        names = [s.name for s in cfg.sources]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise UserError(f"sources: duplicate camera name(s) {sorted(dupes)}")
+        from app.cli import check_sources
+
+        check_sources(cfg)
         if not cfg.sinks.redis.url:
             raise UserError(
                 "--cluster needs a Redis URL (--redis or sinks.redis.url): every worker publishes to the shared Redis"
@@ -394,7 +391,7 @@ class ClusterRunner:
         self.restarts: list[dict] = []
         self.rebalances = 0
         self.finished: dict[str, dict] = {}  # worker id -> final status (stopped or dead)
-        self.frames_before: dict[str, int] = {n: 0 for n in names}  # frames of camera runs that ended
+        self.frames_before: dict[str, int] = {s.name: 0 for s in cfg.sources}  # frames of camera runs that ended
         self._n = 0
         self._stop = threading.Event()
         self._reason = "finished"
@@ -590,7 +587,7 @@ class ClusterRunner:
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         self._connect()
-        restore = self._install_signals()
+        restore = stop_on_signals(lambda: self.stop("shutdown"))
         t0 = time.monotonic()
         try:
             self._start_http()
@@ -877,20 +874,6 @@ class ClusterRunner:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.getsignal(sig)
-            signal.signal(sig, lambda signum, _f: self.stop("shutdown"))
-
-        def restore():
-            for sig, h in old.items():
-                signal.signal(sig, h)
-
-        return restore
 
     # -- summary -------------------------------------------------------------------------------------------
     def summary(self, elapsed: float) -> dict:

@@ -223,7 +223,7 @@ class Pipeline:
         """Start the sink thread and the sources, batch and score until the deadline, a stop or the end of
         every input, then shut down in order: sources, their final alerts and statuses, sinks."""
         progress = self.cfg.pipeline.progress if progress is None else progress
-        restore = self._install_signals()
+        restore = stop_on_signals(lambda: self.stop("shutdown"))
         self._start_threads()
         display = ProgressDisplay(self, enabled=progress)
         display.start()
@@ -327,19 +327,22 @@ class Pipeline:
         self.stats.batches += 1
         self._put(ScoredItem(scored, batch))
 
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.getsignal(sig)
-            signal.signal(sig, lambda signum, _f: self.stop("shutdown"))
 
-        def restore():
-            for sig, h in old.items():
-                signal.signal(sig, h)
+def stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call `stop` on SIGINT / SIGTERM (main thread only; elsewhere nothing is installed); returns the
+    function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.getsignal(sig)
+        signal.signal(sig, lambda _signum, _frame: stop())
 
-        return restore
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 class ProgressDisplay:
