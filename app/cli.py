@@ -542,32 +542,20 @@ def cmd_eval(args) -> int:
     if args.every < 1:
         raise UserError(f"--every: expected a positive integer, got {args.every}")
     cfg = configs.load(args.config)
+    options = dict(
+        every=args.every,
+        smoothing=args.smooth,
+        window=args.window if args.smooth != "none" else 1,
+        progress=not args.quiet,
+    )
     if getattr(args, "cluster", None):  # many machines: app/cluster.py
         from app.cluster import evaluate_cluster
 
         m = evaluate_cluster(
-            cfg,
-            args.data,
-            args.bank,
-            args.out,
-            address=args.cluster,
-            every=args.every,
-            smoothing=args.smooth,
-            window=args.window if args.smooth != "none" else 1,
-            progress=not args.quiet,
-            cpus_per_task=args.cpus_per_worker,
+            cfg, args.data, args.bank, args.out, address=args.cluster, cpus_per_task=args.cpus_per_worker, **options
         )
     else:
-        m = evaluate(
-            cfg,
-            args.data,
-            args.bank,
-            args.out,
-            every=args.every,
-            smoothing=args.smooth,
-            window=args.window if args.smooth != "none" else 1,
-            progress=not args.quiet,
-        )
+        m = evaluate(cfg, args.data, args.bank, args.out, **options)
     keys = ("frame_auroc_micro", "frame_auroc_macro", "pixel_auroc", "n_frames", "frame_score")
     print(jsonsafe.dumps({k: m[k] for k in keys} | {"metrics": str(Path(args.out) / "metrics.json")}, indent=1))
     return 0

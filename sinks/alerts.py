@@ -72,9 +72,7 @@ class _Open:
 
 @dataclass
 class _Camera:
-    last_ts: float | None = None
-    last: FrameResult | None = None
-    last_index: int = -1
+    last: FrameResult | None = None  # the latest frame: its time, and where a shutdown ends the alert
     above_since: float | None = None  # pending: first frame of the current run >= enter
     above_when: _When | None = None
     pending_peak: Peak | None = None
@@ -158,7 +156,7 @@ class AlertTracker:
         self._ended = {}
         cam = self._cams.setdefault(result.camera_id, _Camera())
         ts = float(result.timestamp)
-        if cam.last_ts is not None and ts < cam.last_ts:
+        if cam.last is not None and ts < float(cam.last.timestamp):
             # Time went backwards (file looped, camera clock reset): restart the running timers here
             # rather than let negative durations hold an alert open or block one forever.
             if cam.above_since is not None:
@@ -167,9 +165,7 @@ class AlertTracker:
                 cam.open.last_event_ts = min(cam.open.last_event_ts, ts)
                 if cam.open.below_since is not None:
                     cam.open.below_since = ts
-        cam.last_ts = ts
         cam.last = result
-        cam.last_index = int(result.frame_index)
         enter, exit_ = thresholds(self.cfg, result)
         score = float(result.score)  # NaN compares False everywhere: treated as "not anomalous"
         if cam.open is None:
